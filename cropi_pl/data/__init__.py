@@ -1,0 +1,1 @@
+"""Data plumbing: the curriculum DataModule and its resumable, rank-aware sampler."""

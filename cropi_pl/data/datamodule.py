@@ -1,0 +1,150 @@
+"""The LightningDataModule: prompt pool, influence targets, eval sets and the current subset."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import datasets
+import lightning as L
+from torch.utils.data import DataLoader
+
+from cropi_pl.data.sampler import SubsetBatchStream
+from cropi_pl.tasks.loading import load_source
+from cropi_pl.tasks.source import PromptSource
+
+
+def collate_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep rows as dicts: tokenisation belongs to the module, which owns the tokenizer."""
+    return rows
+
+
+class CurriculumDataModule(L.LightningDataModule):
+    """Serves GRPO prompt batches from the current subset of the pool.
+
+    Args:
+        pool: the training prompts a curriculum selects from.
+        eval_sets: named evaluation sets (for example ``targeted`` and ``untargeted``), scored by
+            the module's validation loop.
+        targets: named influence target sets (their mean gradient defines what "useful" means).
+        batch_size: prompts per optimizer step, over all ranks (each gets ``batch_size / world``).
+        batches_per_epoch: batches in one epoch (a curriculum stage is one epoch); default: one
+            pass over the current subset.
+        eval_batch_size: prompts per validation batch on each rank.
+        seed: data order seed; an epoch's order depends only on ``(seed, epoch)``.
+    """
+
+    def __init__(
+        self,
+        pool: PromptSource,
+        eval_sets: dict[str, PromptSource] | None = None,
+        targets: dict[str, PromptSource] | None = None,
+        batch_size: int = 8,
+        batches_per_epoch: int | None = None,
+        eval_batch_size: int = 64,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.pool_source = pool
+        self.eval_sources = dict(eval_sets or {})
+        self.target_sources = dict(targets or {})
+        self.batch_size = batch_size
+        self.batches_per_epoch = batches_per_epoch
+        self.eval_batch_size = eval_batch_size
+        self.seed = seed
+        self.pool: datasets.Dataset | None = None
+        self.eval_data: dict[str, datasets.Dataset] = {}
+        self.target_data: dict[str, datasets.Dataset] = {}
+        self.subset: list[int] | None = None
+        self._position = (0, 0)  # (epoch, training batches consumed in it)
+        self._resume: tuple[int, int] | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.pool is None:
+            self.pool = load_source(self.pool_source)
+            self.eval_data = {k: load_source(v) for k, v in self.eval_sources.items()}
+            self.target_data = {k: load_source(v) for k, v in self.target_sources.items()}
+        if self.subset is None:
+            self.subset = list(range(len(self.pool)))
+
+    @property
+    def eval_names(self) -> list[str]:
+        return list(self.eval_sources)
+
+    def set_subset(self, indices: list[int]) -> None:
+        """Train on these pool rows from the next epoch on (the curriculum's selection)."""
+        assert self.pool is not None, "call setup() first"
+        bad = [i for i in indices if not 0 <= i < len(self.pool)]
+        if bad or not indices:
+            raise ValueError(f"subset must be non-empty pool indices; bad: {bad[:5]}")
+        self.subset = list(indices)
+
+    def _world(self) -> tuple[int, int]:
+        kwargs = (
+            getattr(self.trainer.strategy, "distributed_sampler_kwargs", None)
+            if self.trainer
+            else None
+        )
+        if not kwargs:
+            return 1, 0
+        return kwargs["num_replicas"], kwargs["rank"]
+
+    def num_batches(self) -> int:
+        assert self.subset is not None
+        return self.batches_per_epoch or max(1, len(self.subset) // self.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.pool is not None and self.subset is not None
+        world, rank = self._world()
+        sampler = SubsetBatchStream(
+            self.subset, self.batch_size, self.num_batches(), world, rank, self.seed
+        )
+        if self._resume is not None:
+            sampler.resume_from(*self._resume)
+            self._resume = None
+        return DataLoader(
+            self.pool,
+            batch_size=self.batch_size // world,
+            sampler=sampler,
+            collate_fn=collate_rows,
+        )
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [
+            DataLoader(
+                self.eval_data[name], batch_size=self.eval_batch_size, collate_fn=collate_rows
+            )
+            for name in self.eval_names
+        ]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.val_dataloader()
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count training batches as they reach the step (not when prefetched) for exact resume."""
+        if self.trainer is not None and self.trainer.training:
+            epoch = self.trainer.current_epoch
+            consumed = self._position[1] + 1 if self._position[0] == epoch else 1
+            self._position = (epoch, consumed)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        assert self.pool is not None and self.subset is not None
+        return {
+            "subset_ids": [self.pool[i]["id"] for i in self.subset],
+            "epoch": self._position[0],
+            "batches_consumed": self._position[1],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.setup()
+        assert self.pool is not None
+        index = {pid: i for i, pid in enumerate(self.pool["id"])}
+        missing = [pid for pid in state["subset_ids"] if pid not in index]
+        if missing:
+            raise ValueError(
+                f"checkpoint subset names {len(missing)} prompt ids absent from the pool "
+                f"(first: {missing[:3]}); was the pool config changed since the checkpoint?"
+            )
+        self.subset = [index[pid] for pid in state["subset_ids"]]
+        self._position = (state["epoch"], state["batches_consumed"])
+        self._resume = self._position

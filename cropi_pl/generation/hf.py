@@ -1,0 +1,144 @@
+"""Sampling with Hugging Face ``generate``: the engine that runs everywhere, CPU included."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from cropi_pl.generation.engine import Completion, GenerationEngine
+
+
+class SeededGumbelSampler(LogitsProcessor):
+    """Exact temperature/top-p sampling by the Gumbel-max trick with one generator per row.
+
+    ``argmax(logits / T + Gumbel)`` is a draw from ``softmax(logits / T)``. Drawing each row's noise
+    from its own seeded generator makes every completion independent of which rows share its batch,
+    so 1 process and N ranks sample the same completions for the same prompts.
+    """
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float) -> None:
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            sorted_scores, order = scores.sort(dim=-1, descending=True)
+            cumulative = sorted_scores.softmax(-1).cumsum(-1)
+            drop_sorted = cumulative - sorted_scores.softmax(-1) >= self.top_p
+            drop = drop_sorted.scatter(-1, order, drop_sorted)
+            scores = scores.masked_fill(drop, float("-inf"))
+        vocab = scores.shape[-1]
+        uniform = torch.stack([torch.rand(vocab, generator=g) for g in self.generators])
+        gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-20)))
+        return scores + gumbel.to(scores.device)
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+class HFGenerateEngine(GenerationEngine):
+    """Batched ``model.generate`` with left padding.
+
+    Args:
+        reproducible: sample through :class:`SeededGumbelSampler` (completions depend only on their
+            seed); ``False`` uses ``generate``'s own sampler and the global RNG, which is faster for
+            large vocabularies.
+        batch_size: rows per ``generate`` call, to bound KV-cache memory.
+    """
+
+    def __init__(self, reproducible: bool = True, batch_size: int = 256) -> None:
+        self.reproducible = reproducible
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def generate(
+        self,
+        model: nn.Module,
+        prompts: list[list[int]],
+        *,
+        num_samples: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        eos_token_id: int,
+        pad_token_id: int,
+        seeds: list[int] | None = None,
+    ) -> list[Completion]:
+        rows = [p for p in prompts for _ in range(num_samples)]
+        if seeds is not None and len(seeds) != len(rows):
+            raise ValueError(f"expected {len(rows)} seeds (one per completion), got {len(seeds)}")
+        out: list[Completion] = []
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start : start + self.batch_size]
+            chunk_seeds = seeds[start : start + self.batch_size] if seeds else None
+            out.extend(
+                self._generate_chunk(
+                    model,
+                    chunk,
+                    chunk_seeds,
+                    max_new_tokens,
+                    temperature,
+                    top_p,
+                    eos_token_id,
+                    pad_token_id,
+                )
+            )
+        return out
+
+    def _generate_chunk(
+        self,
+        model: nn.Module,
+        rows: list[list[int]],
+        seeds: list[int] | None,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        eos_token_id: int,
+        pad_token_id: int,
+    ) -> list[Completion]:
+        device = next(model.parameters()).device
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for i, r in enumerate(rows):
+            input_ids[i, width - len(r) :] = torch.tensor(r)
+            attention_mask[i, width - len(r) :] = 1
+        processors = LogitsProcessorList()
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            do_sample=False,
+        )
+        if temperature > 0:
+            if self.reproducible:
+                if seeds is None:
+                    seeds = torch.randint(0, 2**62, (len(rows),)).tolist()
+                processors.append(SeededGumbelSampler(seeds, temperature, top_p))
+            else:
+                config.do_sample, config.temperature, config.top_p = True, temperature, top_p
+                config.top_k = 0
+        was_training = model.training
+        model.eval()
+        try:
+            sequences = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                generation_config=config,
+                logits_processor=processors,
+                synced_gpus=_is_sharded(model),
+            )
+        finally:
+            model.train(was_training)
+        completions = []
+        for row in sequences[:, width:].tolist():
+            if eos_token_id in row:
+                completions.append(Completion(row[: row.index(eos_token_id) + 1], truncated=False))
+            else:
+                completions.append(Completion(row, truncated=True))
+        return completions

@@ -1,0 +1,1 @@
+"""GRPO math: group-relative advantages and the clipped token-ratio policy loss."""

@@ -1,0 +1,443 @@
+"""GRPO with verifiable rewards as a LightningModule."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cropi_pl.generation import Completion, GenerationEngine, HFGenerateEngine, row_seed
+from cropi_pl.grpo.advantages import group_advantages, zero_std_fraction
+from cropi_pl.grpo.losses import LossType, policy_loss
+from cropi_pl.grpo.rollout import PackedBatch, pack, token_logps
+from cropi_pl.policy.build import resolve_model_path
+from cropi_pl.rewards.base import RewardFunction, combine, safe_rewards
+from cropi_pl.rewards.numeric import ExactNumberReward
+from cropi_pl.sharding import shard_per_layer
+
+
+class GRPOModule(L.LightningModule):
+    """Group Relative Policy Optimization on a causal LM with verifiable rewards.
+
+    Each training batch is a list of prompt rows. The module samples ``num_generations``
+    completions per prompt, scores them, computes group advantages and takes ``num_iterations``
+    optimizer steps on that rollout (old log-probs stored when reused), each accumulating
+    gradients over micro-batches of ``micro_batch_size`` sequences.
+
+    Args:
+        model: HF model folder or hub name, or ``embedded:tiny`` for the shipped CPU policy.
+        num_generations: G, completions per prompt.
+        max_completion_length: new-token budget per completion.
+        temperature: sampling temperature for rollouts.
+        top_p: nucleus sampling for rollouts.
+        scale_rewards: divide advantages by the ``group`` std (GRPO), the ``batch`` std, or
+            ``none`` (Dr. GRPO).
+        advantage_eps: added to the std before dividing.
+        loss_type: ``seq-mean-token-mean`` (GRPO, the paper's), ``token-mean`` (DAPO) or
+            ``seq-mean-token-sum-norm`` (Dr. GRPO).
+        clip_low: PPO lower clip, the ratio is kept above ``1 - clip_low``.
+        clip_high: PPO upper clip, the ratio is kept below ``1 + clip_high`` (DAPO clip-higher).
+        kl_coef: weight of the KL penalty to the frozen reference; 0 loads no reference model.
+        kl_estimator: ``k1`` or ``k3`` (low-variance, the paper's) or ``k2``.
+        entropy_coef: entropy bonus weight.
+        num_iterations: optimizer steps per rollout (mu in the GRPO paper).
+        micro_batch_size: sequences per forward/backward (memory knob; does not change the math).
+        mask_truncated_completions: drop completions that hit the length budget from the loss.
+        max_grad_norm: gradient clipping by global norm; ``None`` disables.
+        rewards: reward functions (default: exact numeric match); the first one defines accuracy.
+        reward_weights: weights of ``rewards`` (default all 1).
+        reward_timeout_s: per-check time bound passed to rewards that support it.
+        engine: generation engine (default: HF ``generate`` with per-row seeded sampling).
+        optimizer: optimizer factory, e.g. ``torch.optim.AdamW`` with ``lr`` in YAML.
+        lr_scheduler: optional scheduler factory, stepped every optimizer step.
+        eval_num_samples: k for validation; 1 is greedy accuracy, k > 1 samples at
+            ``eval_temperature`` and also logs pass@k.
+        eval_temperature: sampling temperature when ``eval_num_samples > 1``.
+        log_completions_every_n_steps: write a text table of prompts/completions to TensorBoard.
+        gradient_checkpointing: trade compute for activation memory.
+        seed: base of the per-completion sampling seeds.
+    """
+
+    def __init__(
+        self,
+        model: str = "embedded:tiny",
+        num_generations: int = 8,
+        max_completion_length: int = 48,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        scale_rewards: Literal["group", "batch", "none"] = "group",
+        advantage_eps: float = 1e-4,
+        loss_type: LossType = "seq-mean-token-mean",
+        clip_low: float = 0.2,
+        clip_high: float = 0.2,
+        kl_coef: float = 0.0,
+        kl_estimator: Literal["k1", "k2", "k3"] = "k3",
+        entropy_coef: float = 0.0,
+        num_iterations: int = 1,
+        micro_batch_size: int = 64,
+        mask_truncated_completions: bool = False,
+        max_grad_norm: float | None = 1.0,
+        rewards: list[RewardFunction] | None = None,
+        reward_weights: list[float] | None = None,
+        reward_timeout_s: float | None = None,
+        engine: GenerationEngine | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        eval_num_samples: int = 1,
+        eval_temperature: float = 1.0,
+        log_completions_every_n_steps: int = 50,
+        gradient_checkpointing: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["rewards", "engine", "optimizer", "lr_scheduler"])
+        if num_generations < 2:
+            raise ValueError("num_generations must be >= 2: group advantages need a group")
+        if num_iterations < 1:
+            raise ValueError("num_iterations must be >= 1")
+        self.model_name = model
+        self.rewards = list(rewards) if rewards else [ExactNumberReward()]
+        self.reward_weights = list(reward_weights) if reward_weights else [1.0] * len(self.rewards)
+        if len(self.reward_weights) != len(self.rewards):
+            raise ValueError(
+                f"reward_weights has {len(self.reward_weights)} entries "
+                f"for {len(self.rewards)} rewards"
+            )
+        self.engine = engine or HFGenerateEngine()
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.automatic_optimization = False
+        self.policy: nn.Module | None = None
+        self.reference: nn.Module | None = None
+        self.tokenizer: Any = None
+        self.val_metrics = nn.ModuleDict()
+        self._timer: dict[str, float] = defaultdict(float)
+
+    # ------------------------------------------------------------------ model
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        path = resolve_model_path(self.model_name)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        dtype = torch.get_default_dtype()  # the precision plugin's init context sets it
+        self.policy = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        self.policy.train()  # from_pretrained returns eval mode
+        if self.hparams.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable()
+        if self.hparams.kl_coef > 0:
+            self.reference = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            self.reference.eval().requires_grad_(False)
+        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+            mesh = self.device_mesh["data_parallel"]
+            shard_per_layer(self.policy, mesh)
+            if self.reference is not None:
+                shard_per_layer(self.reference, mesh)
+
+    def configure_optimizers(self) -> Any:
+        assert self.policy is not None
+        optimizer = self.optimizer_factory(self.policy.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    # ---------------------------------------------------------------- rollout
+    def encode_prompts(self, rows: list[dict[str, Any]]) -> list[list[int]]:
+        return [self.tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
+
+    def sample(
+        self,
+        rows: list[dict[str, Any]],
+        num_samples: int,
+        temperature: float,
+        tag: str,
+    ) -> tuple[list[list[int]], list[Completion]]:
+        """Prompt ids (one per completion) and completions, seeded per (tag, step, prompt, j)."""
+        assert self.policy is not None
+        prompts = self.encode_prompts(rows)
+        seeds = [
+            row_seed(self.hparams.seed, tag, self.global_step, r["id"], j)
+            for r in rows
+            for j in range(num_samples)
+        ]
+        completions = self.engine.generate(
+            self.policy,
+            prompts,
+            num_samples=num_samples,
+            max_new_tokens=self.hparams.max_completion_length,
+            temperature=temperature,
+            top_p=self.hparams.top_p,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            seeds=seeds,
+        )
+        return [p for p in prompts for _ in range(num_samples)], completions
+
+    def score(
+        self, rows: list[dict[str, Any]], completions: list[Completion], num_samples: int
+    ) -> tuple[Tensor, Tensor, dict[str, float]]:
+        """Combined rewards, primary-reward correctness (accuracy) and failure counts."""
+        texts = self.tokenizer.batch_decode([c.ids for c in completions], skip_special_tokens=True)
+        flat_rows = [r for r in rows for _ in range(num_samples)]
+        prompts = [r["prompt"] for r in flat_rows]
+        answers = [str(r["answer"]) for r in flat_rows]
+        outcomes = [
+            safe_rewards(fn, prompts, texts, answers, flat_rows, self.hparams.reward_timeout_s)
+            for fn in self.rewards
+        ]
+        total = torch.tensor(combine(outcomes, self.reward_weights), dtype=torch.float32)
+        correct = torch.tensor(outcomes[0].rewards, dtype=torch.float32) >= 0.5
+        failures = {
+            "reward/failures": float(sum(o.failures for o in outcomes)),
+            "reward/timeouts": float(sum(o.timeouts for o in outcomes)),
+        }
+        return total, correct.float(), failures
+
+    # --------------------------------------------------------------- training
+    def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        assert self.policy is not None
+        hp = self.hparams
+        g = hp.num_generations
+        t0 = time.perf_counter()
+        prompt_ids, completions = self.sample(batch, g, hp.temperature, "train")
+        t1 = time.perf_counter()
+        rewards, correct, failures = self.score(batch, completions, g)
+        advantages = group_advantages(rewards.view(-1, g), hp.scale_rewards, hp.advantage_eps)
+        packed = pack(prompt_ids, [c.ids for c in completions], self.tokenizer.pad_token_id)
+        truncated = torch.tensor([c.truncated for c in completions], dtype=torch.float32)
+        if hp.mask_truncated_completions:
+            packed.mask *= (1.0 - truncated)[:, None]
+        counts = self._global_counts(packed.mask)
+        old_logps = self._frozen_logps(self.policy, packed) if hp.num_iterations > 1 else None
+        ref_logps = (
+            self._frozen_logps(self.reference, packed) if self.reference is not None else None
+        )
+        t2 = time.perf_counter()
+        steps = [
+            self._optimizer_step(packed, advantages.flatten(), old_logps, ref_logps, counts)
+            for _ in range(hp.num_iterations)
+        ]
+        t3 = time.perf_counter()
+        gen_tokens = sum(len(c.ids) for c in completions)
+        self._log_rollout(batch, rewards, correct, truncated, completions, failures)
+        self.log_dict(
+            {f"train/{k}": torch.stack([step[k] for step in steps]).mean() for k in steps[0]},
+            sync_dist=True,
+        )
+        self.log_dict(
+            {
+                "time/generation_s": t1 - t0,
+                "time/training_s": t3 - t2,
+                "time/reward_and_prep_s": t2 - t1,
+                "throughput/generated_tokens_per_s": gen_tokens / max(t1 - t0, 1e-9),
+                "throughput/train_tokens_per_s": hp.num_iterations
+                * float(packed.mask.sum())
+                / max(t3 - t2, 1e-9),
+                "lr": self.optimizers().param_groups[0]["lr"],
+            }
+        )
+        self._maybe_log_text(batch, completions, rewards)
+
+    def _global_counts(self, mask: Tensor) -> tuple[float, float]:
+        """Sequence and token counts over all ranks, divided by the world size.
+
+        Ranks average their gradients, so normalising each rank's sum by ``global / world`` makes
+        the averaged gradient equal to the aggregate over the whole global batch.
+        """
+        counts = torch.tensor([mask.shape[0], mask.sum().item()], dtype=torch.float64)
+        world = self.trainer.world_size
+        if world > 1:
+            counts = self.trainer.strategy.reduce(counts.to(self.device), reduce_op="sum").cpu()
+            counts = counts / world
+        return float(counts[0]), max(float(counts[1]), 1.0)
+
+    @torch.no_grad()
+    def _frozen_logps(self, model: nn.Module | None, packed: PackedBatch) -> Tensor:
+        assert model is not None
+        mb = self.hparams.micro_batch_size
+        out = torch.zeros_like(packed.mask)
+        for start in range(0, packed.mask.shape[0], mb):
+            part = packed.rows(slice(start, start + mb))
+            logp, _ = token_logps(model, part)
+            out[start : start + mb, : logp.shape[1]] = logp.float().cpu()
+        return out
+
+    def _optimizer_step(
+        self,
+        packed: PackedBatch,
+        advantages: Tensor,
+        old_logps: Tensor | None,
+        ref_logps: Tensor | None,
+        counts: tuple[float, float],
+    ) -> dict[str, Tensor]:
+        """One optimizer step over the rollout; returns this rank's share of the step's stats.
+
+        Losses are globally normalised, so micro-batch losses add up, and token statistics are
+        weighted by each micro-batch's share of the global token count.
+        """
+        hp = self.hparams
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
+        num_sequences, num_tokens = counts
+        totals: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        for start in range(0, packed.mask.shape[0], hp.micro_batch_size):
+            rows = slice(start, start + hp.micro_batch_size)
+            part = packed.rows(rows)
+            width = part.mask.shape[1]
+            logp, entropy = token_logps(self.policy, part, with_entropy=True)
+            device = logp.device
+            old = logp.detach() if old_logps is None else old_logps[rows, :width].to(device)
+            ref = None if ref_logps is None else ref_logps[rows, :width].to(device)
+            mask = part.mask.to(device)
+            out = policy_loss(
+                logp,
+                old,
+                advantages[rows].to(device),
+                mask,
+                loss_type=hp.loss_type,
+                num_sequences=num_sequences,
+                num_tokens=num_tokens,
+                max_completion_length=hp.max_completion_length,
+                clip_low=hp.clip_low,
+                clip_high=hp.clip_high,
+                ref_logp=ref,
+                kl_coef=hp.kl_coef,
+                kl_estimator=hp.kl_estimator,
+                entropy=entropy,
+                entropy_coef=hp.entropy_coef,
+            )
+            self.manual_backward(out.loss)
+            weight = mask.sum() / num_tokens
+            totals["loss"] += out.loss.detach()
+            totals["clip_fraction_low"] += out.clip_fraction_low * weight
+            totals["clip_fraction_high"] += out.clip_fraction_high * weight
+            totals["ratio_mean"] += out.ratio_mean * weight
+            totals["entropy"] += out.entropy * weight
+            if out.kl is not None:
+                totals["kl"] += out.kl * weight
+        totals["grad_norm"] = self._clip_and_norm().to(self.device)
+        optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        return dict(totals)
+
+    def _clip_and_norm(self) -> Tensor:
+        assert self.policy is not None
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        max_norm = self.hparams.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return norm.detach()
+
+    def _log_rollout(
+        self,
+        rows: list[dict[str, Any]],
+        rewards: Tensor,
+        correct: Tensor,
+        truncated: Tensor,
+        completions: list[Completion],
+        failures: dict[str, float],
+    ) -> None:
+        g = self.hparams.num_generations
+        lengths = torch.tensor([len(c.ids) for c in completions], dtype=torch.float32)
+        metrics = {
+            "reward": rewards.mean(),
+            "reward_std": rewards.std(),
+            "train/accuracy": correct.mean(),
+            "train/zero_std_fraction": torch.tensor(zero_std_fraction(rewards.view(-1, g))),
+            "completion/length_mean": lengths.mean(),
+            "completion/length_max": lengths.max(),
+            "completion/truncated_fraction": truncated.mean(),
+            **{k: torch.tensor(v) for k, v in failures.items()},
+        }
+        self.log_dict(metrics, sync_dist=True, prog_bar=False)
+        self.log("reward_mean", rewards.mean(), prog_bar=True, sync_dist=True)
+        by_family: dict[str, list[float]] = defaultdict(list)
+        for i, r in enumerate(rows):
+            by_family[r["family"]].extend(correct[i * g : (i + 1) * g].tolist())
+        for family, values in by_family.items():
+            self.log(f"train_accuracy/{family}", sum(values) / len(values))
+
+    def _maybe_log_text(
+        self, rows: list[dict[str, Any]], completions: list[Completion], rewards: Tensor
+    ) -> None:
+        every = self.hparams.log_completions_every_n_steps
+        experiment = getattr(self.logger, "experiment", None)
+        if not every or self.global_step % every or not hasattr(experiment, "add_text"):
+            return
+        g = self.hparams.num_generations
+        lines = ["| prompt | completion | reward |", "|---|---|---|"]
+        for i, r in enumerate(rows[:4]):
+            for j in range(min(g, 2)):
+                c = completions[i * g + j]
+                text = self.tokenizer.decode(c.ids, skip_special_tokens=True)
+                cell = text.replace("|", "\\|").replace("\n", " ")
+                prompt = r["prompt"].replace("|", "\\|").replace("\n", " ")
+                lines.append(f"| {prompt} | {cell} | {rewards[i * g + j]:.2f} |")
+        experiment.add_text("samples", "\n".join(lines), self.global_step)
+
+    # ------------------------------------------------------------- validation
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self.trainer else None
+        if dm is None or len(self.val_metrics):
+            return
+        dm.setup(stage)
+        for name, data in dm.eval_data.items():
+            keys = ["all", *sorted(set(data["family"]))]
+            for key in keys:
+                self.val_metrics[f"{name}__{key}__acc"] = MeanMetric()
+                if self.hparams.eval_num_samples > 1:
+                    self.val_metrics[f"{name}__{key}__pass"] = MeanMetric()
+
+    def validation_step(
+        self, batch: list[dict[str, Any]], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        k = self.hparams.eval_num_samples
+        temperature = 0.0 if k == 1 else self.hparams.eval_temperature
+        _, completions = self.sample(batch, k, temperature, "eval")
+        _, correct, _ = self.score(batch, completions, k)
+        name = self.trainer.datamodule.eval_names[dataloader_idx]
+        per_prompt = correct.view(-1, k)
+        for i, row in enumerate(batch):
+            for key in ("all", row["family"]):
+                self.val_metrics[f"{name}__{key}__acc"].update(per_prompt[i].mean())
+                if k > 1:
+                    self.val_metrics[f"{name}__{key}__pass"].update(per_prompt[i].max())
+
+    def on_validation_epoch_end(self) -> None:
+        for key, metric in self.val_metrics.items():
+            value = metric.compute()  # collective under DDP/FSDP: every rank computes every key
+            metric.reset()
+            if torch.isnan(value):
+                continue
+            name, family, kind = key.split("__")
+            suffix = "accuracy" if kind == "acc" else f"pass@{self.hparams.eval_num_samples}"
+            tag = f"val/{name}/{suffix}" if family == "all" else f"val/{name}/{family}/{suffix}"
+            self.log(tag, value, prog_bar=family == "all")
+
+    test_step = validation_step
+    on_test_epoch_end = on_validation_epoch_end
+
+    # ------------------------------------------------------------- checkpoint
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_states"] = _collect_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng_states" in checkpoint:
+            _set_rng_states(checkpoint["rng_states"])

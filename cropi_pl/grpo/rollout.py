@@ -1,0 +1,49 @@
+"""Packing sampled completions into right-padded training tensors and scoring them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from cropi_pl.grpo.losses import selective_log_softmax, token_entropy
+
+
+@dataclass
+class PackedBatch:
+    """``input_ids`` (B, L) = prompt + completion + right padding; ``mask`` (B, L-1) marks the
+    shifted positions whose target token is a completion token."""
+
+    input_ids: Tensor
+    mask: Tensor
+
+    def rows(self, index: slice) -> PackedBatch:
+        """A micro-batch, trimmed to its longest real sequence to save compute."""
+        mask = self.mask[index]
+        width = int(mask.any(0).nonzero().max()) + 2 if mask.any() else 2
+        return PackedBatch(self.input_ids[index, :width], mask[:, : width - 1])
+
+
+def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> PackedBatch:
+    """Right-pad ``prompt + completion`` rows; no attention mask is needed (causal attention)."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    width = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width - 1)
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        ids[i, : len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
+        mask[i, len(p) - 1 : len(p) + len(c) - 1] = 1.0
+    return PackedBatch(ids, mask)
+
+
+def token_logps(
+    model: nn.Module, batch: PackedBatch, with_entropy: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """Per-token log-probs of each next token (B, L-1), float32, and optionally entropies."""
+    device = next(model.parameters()).device
+    ids = batch.input_ids.to(device)
+    logits = model(input_ids=ids).logits[:, :-1]
+    logp = selective_log_softmax(logits, ids[:, 1:])
+    return logp, token_entropy(logits) if with_entropy else None

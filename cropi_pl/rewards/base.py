@@ -1,0 +1,205 @@
+"""The contract for reward functions, and the guard that keeps a bad one from killing a run.
+
+A reward function is any :class:`RewardFunction` subclass, named in YAML by its class path. It
+scores a whole batch at once (so it can share work such as parsing one gold answer for K
+completions), but user code fails in ways training must survive: an exception on one odd
+completion, a hang in a symbolic solver, a list of the wrong length, a NaN. :func:`safe_rewards`
+turns each of those into a reward of 0 for the completions concerned and a count that gets logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+RewardCallable = Callable[[list[str], list[str], list[str], list[dict]], Sequence[float]]
+
+
+class RewardFunction(ABC):
+    """Scores completions; subclasses are configured from YAML by class path and init args."""
+
+    name: str = "reward"
+
+    @abstractmethod
+    def __call__(
+        self, prompts: list[str], completions: list[str], answers: list[str], rows: list[dict]
+    ) -> list[float]:
+        """One float per completion. ``answers[i]`` is the gold answer of ``completions[i]`` and
+        ``rows[i]`` its dataset row (family, difficulty, ...), so one prompt repeated K times
+        appears K times in every list."""
+
+
+@dataclass
+class RewardOutcome:
+    rewards: list[float]
+    failures: int
+    timeouts: int
+
+
+class RewardTimeout(BaseException):
+    """Raised inside a call whose :func:`deadline` passed.
+
+    A BaseException, like KeyboardInterrupt, so that a reward function's own ``except Exception``
+    (math-verify and sympy have many) cannot swallow it and keep running.
+    """
+
+
+_unenforced_warned = False
+
+
+@contextmanager
+def deadline(seconds: float | None) -> Iterator[bool]:
+    """Interrupt the block with :class:`RewardTimeout` after ``seconds`` of wall-clock time.
+
+    Uses SIGALRM, so it is enforced only in the main thread on POSIX (yields whether it is).
+    Deadlines nest: an inner one never outlives the outer one, and the outer timer is re-armed
+    with its remaining time on exit. (math-verify's own alarm-based timeouts cancel any outer timer,
+    which is why callers here switch those off and use this instead.)
+    """
+    global _unenforced_warned
+    enforce = (
+        seconds is not None
+        and hasattr(signal, "setitimer")
+        and threading.current_thread() is threading.main_thread()
+    )
+    if not enforce:
+        if seconds is not None and not _unenforced_warned:
+            logger.warning("reward deadlines are only enforced in the main thread; not enforcing")
+            _unenforced_warned = True
+        yield False
+        return
+    if seconds <= 0:
+        raise ValueError(f"deadline seconds must be positive, got {seconds}")
+    active = [True]
+
+    def on_alarm(signum: int, frame: object) -> None:
+        if active[0]:
+            raise RewardTimeout(f"deadline of {seconds}s passed")
+
+    outer_delay, outer_interval = signal.getitimer(signal.ITIMER_REAL)
+    start = time.monotonic()
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, min(seconds, outer_delay) if outer_delay else seconds)
+    try:
+        yield True
+    finally:
+        try:
+            active[0] = False  # the alarm may land just before this; the inner finally still runs
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+            if outer_delay:
+                left = outer_delay - (time.monotonic() - start)
+                signal.setitimer(signal.ITIMER_REAL, max(left, 1e-6), outer_interval)
+
+
+def _reward_name(fn: RewardCallable) -> str:
+    return getattr(fn, "name", None) or type(fn).__name__
+
+
+def _call_one(
+    fn: RewardCallable,
+    prompt: str,
+    completion: str,
+    answer: str,
+    row: dict,
+    timeout_s: float | None,
+) -> tuple[float, str | None]:
+    """Score one completion alone: (reward, None) or (0.0, 'failure' | 'timeout')."""
+    try:
+        with deadline(timeout_s):
+            values = list(fn([prompt], [completion], [answer], [row]))
+        value = float(values[0]) if len(values) == 1 else math.nan
+    except RewardTimeout:
+        return 0.0, "timeout"
+    except Exception:
+        logger.debug("reward %s failed on one completion", _reward_name(fn), exc_info=True)
+        return 0.0, "failure"
+    return (value, None) if math.isfinite(value) else (0.0, "failure")
+
+
+def safe_rewards(
+    fn: RewardCallable,
+    prompts: list[str],
+    completions: list[str],
+    answers: list[str],
+    rows: list[dict],
+    timeout_s: float | None = None,
+) -> RewardOutcome:
+    """Call ``fn`` on the whole batch; never raise for anything ``fn`` does.
+
+    If the batch call raises or passes ``timeout_s``, every completion is scored alone (each call
+    again bounded by ``timeout_s``, so the worst case is ``(n + 1) * timeout_s``) and only the
+    completions that fail or time out get 0. A result of the wrong length gives every completion 0
+    (no way to tell which value belongs to which completion). Non-finite values become 0. Every
+    zeroed completion is counted as a failure or a timeout.
+    """
+    if timeout_s is not None and timeout_s <= 0:
+        raise ValueError(f"timeout_s must be positive or None, got {timeout_s}")
+    n = len(completions)
+    lengths = {"prompts": len(prompts), "answers": len(answers), "rows": len(rows)}
+    misaligned = {key: size for key, size in lengths.items() if size != n}
+    if misaligned:
+        raise ValueError(f"reward inputs must align with {n} completions, got lengths {misaligned}")
+    name = _reward_name(fn)
+    try:
+        with deadline(timeout_s):
+            values = fn(prompts, completions, answers, rows)
+        values = [float(v) for v in values]
+    except (Exception, RewardTimeout) as error:
+        logger.warning("reward %s failed on the batch (%r); scoring one by one", name, error)
+        scored = [
+            _call_one(fn, *args, timeout_s)
+            for args in zip(prompts, completions, answers, rows, strict=True)
+        ]
+        outcome = RewardOutcome(
+            rewards=[value for value, _ in scored],
+            failures=sum(status == "failure" for _, status in scored),
+            timeouts=sum(status == "timeout" for _, status in scored),
+        )
+    else:
+        if len(values) != n:
+            logger.warning(
+                "reward %s returned %d values for %d completions; all set to 0",
+                name,
+                len(values),
+                n,
+            )
+            return RewardOutcome(rewards=[0.0] * n, failures=n, timeouts=0)
+        finite = [v if math.isfinite(v) else 0.0 for v in values]
+        outcome = RewardOutcome(
+            rewards=finite, failures=sum(not math.isfinite(v) for v in values), timeouts=0
+        )
+    if outcome.failures or outcome.timeouts:
+        logger.warning(
+            "reward %s: %d failures, %d timeouts of %d completions (scored 0)",
+            name,
+            outcome.failures,
+            outcome.timeouts,
+            n,
+        )
+    return outcome
+
+
+def combine(outcomes: Sequence[RewardOutcome], weights: Sequence[float]) -> list[float]:
+    """Per-completion weighted sum of several reward functions' outcomes."""
+    if len(outcomes) != len(weights):
+        raise ValueError(f"got {len(outcomes)} reward outcomes but {len(weights)} weights")
+    if not outcomes:
+        raise ValueError("combine needs at least one reward outcome")
+    sizes = {len(outcome.rewards) for outcome in outcomes}
+    if len(sizes) != 1:
+        raise ValueError(f"reward outcomes have different lengths {sorted(sizes)}")
+    return [
+        sum(w * value for w, value in zip(weights, values, strict=True))
+        for values in zip(*(outcome.rewards for outcome in outcomes), strict=True)
+    ]

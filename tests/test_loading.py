@@ -1,0 +1,200 @@
+"""Prompt files (GSM8K/MATH style), source validation, and the synthetic-task export tool."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+
+from cropi_pl.tasks import FAMILIES, PromptFile, SyntheticTasks, generate_tasks, load_source
+from cropi_pl.tasks.loading import extract_gold
+
+REPO = Path(__file__).resolve().parents[1]
+
+GSM8K_ROWS = [
+    {"question": "Ann has 3 apples and buys 4.", "answer": "3+4=7\n#### 7"},
+    {"question": "A farm sells 1,000 eggs twice.", "answer": "1000*2=2000\n#### 2,000"},
+    {"question": "Half of 5?", "answer": "5/2 = <<5/2=2.5>>2.5 #### 2.5"},
+]
+MATH_ROWS = [
+    {
+        "problem": "Compute $\\frac{1}{2}+\\frac{1}{4}$.",
+        "solution": "We get $\\boxed{\\frac{3}{4}}$.",
+        "type": "Algebra",
+        "uid": "m-1",
+        "difficulty": 3,
+    },
+    {
+        "problem": "Simplify $\\sqrt{8}$.",
+        "solution": "First \\boxed{2\\sqrt{4}}, no: $\\boxed{2\\sqrt{2}}$.",
+        "type": "Geometry",
+        "uid": "m-2",
+        "difficulty": 5,
+    },
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_gsm8k_jsonl(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "gsm.jsonl", GSM8K_ROWS)
+    source = PromptFile(str(path), template="Question: {prompt}\nAnswer:", family="gsm8k")
+    data = load_source(source)
+    assert data["answer"] == ["7", "2000", "2.5"]
+    assert data["prompt"] == [f"Question: {row['question']}\nAnswer:" for row in GSM8K_ROWS]
+    assert data["id"] == ["gsm-0", "gsm-1", "gsm-2"]
+    assert data["family"] == ["gsm8k"] * 3
+    assert data["difficulty"] == [0, 0, 0]
+    limited = PromptFile(str(path), limit=2).load()
+    assert limited["answer"] == ["7", "2000"]
+
+
+def test_math_parquet_and_json(tmp_path: Path) -> None:
+    parquet = tmp_path / "math.parquet"
+    datasets.Dataset.from_list(MATH_ROWS).to_parquet(str(parquet))
+    as_json = tmp_path / "math.json"
+    as_json.write_text(json.dumps(MATH_ROWS))
+    for path in (parquet, as_json):
+        source = PromptFile(
+            str(path),
+            prompt_field="problem",
+            answer_field="solution",
+            answer_format="boxed",
+            id_field="uid",
+            family_field="type",
+            template="{prompt} ({type})",
+        )
+        data = load_source(source)
+        assert data["answer"] == ["\\frac{3}{4}", "2\\sqrt{2}"], path
+        assert data["id"] == ["m-1", "m-2"]
+        assert data["family"] == ["Algebra", "Geometry"]
+        assert data["difficulty"] == [3, 5]
+        assert data["prompt"][0] == "Compute $\\frac{1}{2}+\\frac{1}{4}$. (Algebra)"
+
+
+@pytest.mark.parametrize(
+    ("text", "fmt", "gold"),
+    [
+        ("blah \\boxed{1} #### 2", "auto", "2"),  # auto: gsm8k first
+        ("so \\boxed{\\frac{1}{2}}", "auto", "\\frac{1}{2}"),  # then boxed
+        ("  42 ", "auto", "42"),  # then the text itself
+        ("blah \\boxed{1} #### 2", "boxed", "1"),
+        ("\\boxed{1} #### 2", "plain", "\\boxed{1} #### 2"),
+        ("no marker", "gsm8k", None),
+        ("\\boxed{unclosed", "boxed", None),
+        ("   ", "auto", None),
+    ],
+)
+def test_extract_gold(text: str, fmt: str, gold: str | None) -> None:
+    assert extract_gold(text, fmt) == gold
+
+
+def test_errors_name_file_row_and_field(tmp_path: Path) -> None:
+    rows = [*GSM8K_ROWS[:2], {"question": "q", "solution": "#### 1"}]
+    path = write_jsonl(tmp_path / "broken.jsonl", rows)
+    with pytest.raises(KeyError, match=r"broken\.jsonl row 2: missing field 'answer'"):
+        PromptFile(str(path)).load()
+    path = write_jsonl(tmp_path / "nomark.jsonl", [GSM8K_ROWS[0], {"question": "q", "answer": "7"}])
+    with pytest.raises(ValueError, match=r"nomark\.jsonl row 1: no gsm8k answer"):
+        PromptFile(str(path), answer_format="gsm8k").load()
+    with pytest.raises(KeyError, match=r"row 0: template .* needs 'topic'"):
+        PromptFile(str(path), template="{topic}: {prompt}").load()
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        PromptFile(str(tmp_path / "missing.jsonl")).load()
+    (tmp_path / "data.csv").write_text("question,answer\n")
+    with pytest.raises(ValueError, match="unsupported file type '.csv'"):
+        PromptFile(str(tmp_path / "data.csv")).load()
+    with pytest.raises(ValueError, match="answer_format"):
+        PromptFile(str(path), answer_format="latex")
+
+
+def test_fingerprint_tracks_content_not_mtime(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "gsm.jsonl", GSM8K_ROWS)
+    source = PromptFile(str(path))
+    before = source.fingerprint()
+    assert source.fingerprint() == before
+    assert PromptFile(str(path), template="Q: {prompt}").fingerprint() != before
+    stat = path.stat()
+    text = path.read_text()
+    path.write_text(text.replace("#### 7", "#### 8"))  # same size, same mtime after utime
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size
+    assert source.fingerprint() != before
+    assert source.load()["answer"][0] == "8"  # and no stale cached rows
+
+
+def test_load_source_validation(tmp_path: Path) -> None:
+    rows = [{**row, "key": "same"} for row in GSM8K_ROWS]
+    path = write_jsonl(tmp_path / "dupes.jsonl", rows)
+    with pytest.raises(ValueError, match="duplicate id 'same'"):
+        load_source(PromptFile(str(path), id_field="key"))
+
+    class NoFamily:
+        def load(self) -> datasets.Dataset:
+            return datasets.Dataset.from_list(
+                [{"id": "a", "prompt": "p", "answer": "1", "difficulty": 1}]
+            )
+
+        def fingerprint(self) -> str:
+            return "no-family"
+
+    with pytest.raises(ValueError, match=r"NoFamily lacks columns \['family'\]"):
+        load_source(NoFamily())
+    synthetic = load_source(SyntheticTasks(families=["add"], difficulties=[1], num_per_cell=5))
+    assert len(synthetic) == 5
+
+
+def export(*args: str) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / "export_tasks.py"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_export_round_trip(tmp_path: Path, suffix: str) -> None:
+    out = tmp_path / "nested" / f"train{suffix}"
+    done = export(
+        "--split", "train", "--num-per-cell", "6", "--families", "add", "mul", "--out", str(out)
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no temp file left behind
+    expected = generate_tasks(["add", "mul"], num_per_cell=6, split="train")
+    loaded = load_source(
+        PromptFile(
+            str(out),
+            prompt_field="prompt",
+            answer_field="answer",
+            answer_format="plain",
+            id_field="id",
+            family_field="family",
+        )
+    )
+    assert loaded["prompt"] == expected["prompt"]
+    assert loaded["answer"] == expected["answer"]
+    assert loaded["id"] == expected["id"]
+    assert loaded["family"] == expected["family"]
+    assert loaded["difficulty"] == expected["difficulty"]
+    assert set(loaded["family"]) == {"add", "mul"} and set(FAMILIES) > {"add", "mul"}
+
+
+def test_export_rejects_bad_output(tmp_path: Path) -> None:
+    done = export("--out", str(tmp_path / "tasks.csv"))
+    assert done.returncode != 0 and "--out must end in" in done.stderr
+    assert not (tmp_path / "tasks.csv").exists()

@@ -1,0 +1,317 @@
+"""Reward functions: answer extraction, numeric and symbolic checking, and the failure guard."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import threading
+import time
+from fractions import Fraction
+
+import pytest
+
+from cropi_pl.rewards import (
+    ExactNumberReward,
+    MathVerifyReward,
+    RewardFunction,
+    RewardOutcome,
+    RewardTimeout,
+    combine,
+    deadline,
+    extract_answer,
+    safe_rewards,
+)
+from cropi_pl.rewards.numeric import last_boxed, parse_number
+
+PATHOLOGICAL = [
+    "9" * 100_000,
+    "\\boxed{" + "{" * 5000 + "1" + "}" * 5001,
+    "\\boxed{10!!!!!!}",
+    "\\boxed{9^{9^{9^{9}}}}",
+    "{" * 20_000 + "\\boxed{" * 2000,
+]
+
+
+def score(fn: RewardFunction, completions: list[str], answers: list[str]) -> list[float]:
+    n = len(completions)
+    return fn([""] * n, completions, answers, [{}] * n)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("so 6*7=42\n#### 42", "42"),
+        ("#### 1 \n#### 1,000\nextra", "1,000"),  # the LAST marker, its first line
+        ("\\boxed{5} and then ####  \n", "5"),  # nothing after #### falls back to the box
+        ("\\boxed{1} then \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # last box, nested braces
+        ("the result of 10-5 is 5.", "5"),
+        ("x=-3", "-3"),
+        ("no numbers here", None),
+        ("", None),
+        ("\\boxed{unclosed", None),
+    ],
+)
+def test_extract_answer(text: str, expected: str | None) -> None:
+    assert extract_answer(text) == expected
+
+
+def test_last_boxed_nested_and_unbalanced() -> None:
+    assert last_boxed("\\boxed{\\sqrt{\\frac{a}{b}}} end") == "\\sqrt{\\frac{a}{b}}"
+    assert last_boxed("\\boxed{1} \\boxed{{2}") is None
+    assert last_boxed("nothing") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("3/4", Fraction(3, 4)),
+        ("0.75", Fraction(3, 4)),
+        ("-.5", Fraction(-1, 2)),
+        ("\\dfrac{3}{4}", Fraction(3, 4)),
+        ("1,000,000", Fraction(10**6)),
+        ("$1,234.50", Fraction(246900, 200)),
+        ("x=2", Fraction(2)),
+        ("1/0", None),
+        ("9" * 100_000, None),  # beyond int()'s digit limit: no answer, not a crash
+    ],
+)
+def test_parse_number(text: str, value: Fraction | None) -> None:
+    assert parse_number(text) == value
+
+
+def _render(value: Fraction, rng: random.Random) -> str:
+    """One of the ways a model might write ``value`` (reference formatter for the random test)."""
+    if value.denominator == 1:
+        forms = [str(value.numerator), f"{value.numerator:,}", f"{value.numerator}.0"]
+    else:
+        forms = [
+            f"{value.numerator}/{value.denominator}",
+            f"\\frac{{{value.numerator}}}{{{value.denominator}}}",
+        ]
+        if 10**6 % value.denominator == 0:
+            forms.append(f"{float(value):.6f}")
+    body = rng.choice(forms)
+    return rng.choice([f"work... #### {body}", f"so \\boxed{{{body}}}", f"answer is {body}"])
+
+
+def test_exact_number_matches_reference_on_random_answers() -> None:
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    golds, completions, expected = [], [], []
+    for _ in range(300):
+        gold = Fraction(rng.randint(-5000, 5000), rng.choice([1, 1, 2, 4, 5, 8, 3]))
+        predicted = (
+            gold if rng.random() < 0.5 else gold + Fraction(rng.randint(1, 9), rng.choice([1, 7]))
+        )
+        golds.append(
+            rng.choice([str(gold), f"{float(gold)!r}"])
+            if gold.denominator in (1, 2, 4, 5, 8)
+            else str(gold)
+        )
+        completions.append(_render(predicted, rng))
+        expected.append(float(predicted == gold))
+    got = score(ExactNumberReward(), completions, golds)
+    bad = [(c, g) for c, g, e, r in zip(completions, golds, expected, got, strict=True) if e != r]
+    assert not bad, f"seed {seed}: mismatches {bad[:5]}"
+
+
+def test_exact_number_forms_wrong_missing_pathological() -> None:
+    completions = [
+        "#### 0.75",
+        "\\boxed{\\frac{3}{4}}",
+        "3/4",
+        "#### 1,000",
+        "#### 0.7500001",
+        "#### 0.751",
+        "",
+        "I do not know",
+        *PATHOLOGICAL,
+    ]
+    golds = ["3/4", "0.75", "0.75", "1000", "0.75", "0.75", "3", "3", *["7"] * len(PATHOLOGICAL)]
+    start = time.perf_counter()
+    got = score(ExactNumberReward(), completions, golds)
+    assert time.perf_counter() - start < 2.0
+    assert got == [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, *[0.0] * len(PATHOLOGICAL)]
+
+
+def test_exact_number_rejects_non_numeric_gold_and_guard_counts_it() -> None:
+    with pytest.raises(ValueError, match="not a number"):
+        score(ExactNumberReward(), ["#### 1"], ["pi"])
+    outcome = safe_rewards(
+        ExactNumberReward(), ["", ""], ["#### 1", "#### 2"], ["1", "pi"], [{}, {}]
+    )
+    assert outcome == RewardOutcome(rewards=[1.0, 0.0], failures=1, timeouts=0)
+
+
+def test_math_verify_equivalent_wrong_and_missing() -> None:
+    reward = MathVerifyReward()
+    cases = [
+        ("so 3/4", "0.75", 1.0),
+        ("#### 0.75", "3/4", 1.0),
+        ("\\boxed{\\frac{3}{4}}", "0.75", 1.0),
+        ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),
+        ("therefore \\boxed{x=2}", "2", 1.0),
+        ("\\boxed{2}", "x=2", 1.0),
+        ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\sqrt{2}/2", 1.0),
+        ("#### 1,000", "1000", 1.0),
+        ("\\boxed{\\frac{2}{3}}", "0.75", 0.0),
+        ("\\boxed{x=3}", "2", 0.0),
+        ("#### 41", "42", 0.0),
+        ("I cannot solve this.", "42", 0.0),
+        ("", "42", 0.0),
+        ("\\boxed{1}", "", 0.0),
+    ]
+    got = score(reward, [c for c, _, _ in cases], [g for _, g, _ in cases])
+    assert got == [e for _, _, e in cases]
+    assert reward.timeouts == 0
+
+
+def test_math_verify_pathological_is_bounded_in_main_thread() -> None:
+    # Default cap: over-long answers are rejected without parsing.
+    start = time.perf_counter()
+    assert score(MathVerifyReward(timeout_s=0.3), PATHOLOGICAL, ["7"] * len(PATHOLOGICAL)) == [
+        0.0
+    ] * len(PATHOLOGICAL)
+    assert time.perf_counter() - start < 3.0
+    # No cap: the deadline has to stop sympy, once per check.
+    reward = MathVerifyReward(timeout_s=0.3, max_answer_chars=10**7)
+    start = time.perf_counter()
+    got = score(reward, [*PATHOLOGICAL, "\\boxed{1}"], [*["7"] * len(PATHOLOGICAL), "1"])
+    elapsed = time.perf_counter() - start
+    assert got == [0.0] * len(PATHOLOGICAL) + [1.0]
+    assert elapsed < 0.3 * len(PATHOLOGICAL) + 3.0
+    assert reward.timeouts >= 2  # 10!!!!!! and the power tower cannot finish in 0.3 s
+
+
+def test_math_verify_off_main_thread_uses_bounded_workers() -> None:
+    reward = MathVerifyReward(timeout_s=0.3, max_answer_chars=10**7)
+    completions = ["\\boxed{10!!!!!!}", "\\boxed{\\frac{3}{4}}", "#### 7"]
+    result: dict[str, list[float]] = {}
+
+    def run() -> None:
+        result["rewards"] = score(reward, completions, ["1", "0.75", "8"])
+
+    try:
+        worker = threading.Thread(target=run)
+        worker.start()
+        worker.join(timeout=150)
+        assert not worker.is_alive()
+        assert result["rewards"] == [0.0, 1.0, 0.0]
+        assert reward.timeouts == 1
+        # The reward survives a copy (Lightning deep-copies modules holding it) without its pool.
+        clone = copy.deepcopy(reward)
+        assert clone._pool is None and score(clone, ["\\boxed{0.5}"], ["1/2"]) == [1.0]
+    finally:
+        reward.close()
+
+
+def _spin(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def test_deadline_interrupts_and_nests() -> None:
+    start = time.monotonic()
+    with pytest.raises(RewardTimeout), deadline(0.1):
+        _spin(5)
+    assert time.monotonic() - start < 1.0
+    # An inner deadline that finishes in time must leave the outer one armed (math-verify's own
+    # alarm timeouts would cancel it).
+    start = time.monotonic()
+    with pytest.raises(RewardTimeout), deadline(0.4):
+        with deadline(0.1):
+            _spin(0.02)
+        _spin(5)
+    assert 0.35 < time.monotonic() - start < 1.5
+    # An outer deadline shorter than the inner one still wins.
+    start = time.monotonic()
+    with pytest.raises(RewardTimeout), deadline(0.1), deadline(10):
+        _spin(5)
+    assert time.monotonic() - start < 1.0
+
+
+def test_deadline_not_enforced_off_main_thread() -> None:
+    seen: list[bool] = []
+
+    def run() -> None:
+        with deadline(0.01) as enforced:
+            _spin(0.05)
+        seen.append(enforced)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    assert seen == [False]
+
+
+class Flaky(RewardFunction):
+    """Length of the completion, except: raises on "boom", NaN on "nan", hangs on "hang"."""
+
+    name = "flaky"
+
+    def __call__(self, prompts, completions, answers, rows):
+        out = []
+        for text in completions:
+            if text == "boom":
+                raise RuntimeError("bad completion")
+            if text == "hang":
+                _spin(60)
+            out.append(math.nan if text == "nan" else float(len(text)))
+        return out
+
+
+def test_safe_rewards_isolates_one_failure() -> None:
+    completions = ["a", "bb", "boom", "dddd"]
+    outcome = safe_rewards(Flaky(), completions, completions, ["x"] * 4, [{}] * 4)
+    assert outcome == RewardOutcome(rewards=[1.0, 2.0, 0.0, 4.0], failures=1, timeouts=0)
+
+
+def test_safe_rewards_nonfinite_and_timeout() -> None:
+    completions = ["a", "nan", "hang", "ccc"]
+    start = time.monotonic()
+    outcome = safe_rewards(Flaky(), completions, completions, ["x"] * 4, [{}] * 4, timeout_s=0.2)
+    assert time.monotonic() - start < 0.2 * 5 + 1.0
+    assert outcome == RewardOutcome(rewards=[1.0, 0.0, 0.0, 3.0], failures=1, timeouts=1)
+
+
+def test_safe_rewards_wrong_length_zeroes_all(caplog: pytest.LogCaptureFixture) -> None:
+    class Short(RewardFunction):
+        name = "short_reward"
+
+        def __call__(self, prompts, completions, answers, rows):
+            return [1.0] * (len(completions) - 1)
+
+    with caplog.at_level(logging.WARNING):
+        outcome = safe_rewards(Short(), ["p"] * 3, ["a", "b", "c"], ["x"] * 3, [{}] * 3)
+    assert outcome == RewardOutcome(rewards=[0.0] * 3, failures=3, timeouts=0)
+    assert "short_reward" in caplog.text
+
+
+def test_safe_rewards_passes_good_values_through_and_checks_alignment() -> None:
+    rng = random.Random()
+    completions = ["x" * rng.randint(0, 20) for _ in range(10)]
+    outcome = safe_rewards(Flaky(), completions, completions, ["a"] * 10, [{}] * 10, timeout_s=5)
+    assert outcome == RewardOutcome([float(len(c)) for c in completions], 0, 0)
+    with pytest.raises(ValueError, match="rows"):
+        safe_rewards(Flaky(), ["a"], ["a"], ["x"], [])
+
+
+def test_combine_matches_explicit_sum() -> None:
+    rng = random.Random()
+    n, k = 7, 3
+    outcomes = [RewardOutcome([rng.uniform(-1, 1) for _ in range(n)], 0, 0) for _ in range(k)]
+    weights = [rng.uniform(0, 2) for _ in range(k)]
+    expected = []
+    for i in range(n):
+        total = 0.0
+        for j in range(k):
+            total += weights[j] * outcomes[j].rewards[i]
+        expected.append(total)
+    assert combine(outcomes, weights) == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError, match="weights"):
+        combine(outcomes, weights[:-1])
+    with pytest.raises(ValueError, match="lengths"):
+        combine([outcomes[0], RewardOutcome([1.0], 0, 0)], [1.0, 1.0])
