@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import math
 import statistics
+from collections.abc import Iterator
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cropi_pl.influence.popi import (
+    FactorisedProjection,
     POPIConfig,
     POPIGradients,
     PromptTrajectories,
@@ -19,6 +21,15 @@ from cropi_pl.influence.popi import (
 
 VOCAB = 50
 TOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread() -> Iterator[None]:
+    """Tiny models: intra-op threading only adds overhead, and stalls badly on a shared 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_llama(seed: int, **overrides: object) -> LlamaForCausalLM:
@@ -269,6 +280,7 @@ def test_bad_input_names_the_row() -> None:
         "completion_ids\\[0\\] is empty": PromptTrajectories(
             [1], [[], [4]], [[], [-1.0]], [0.0, 1.0]
         ),
+        "non-finite": PromptTrajectories([1], [[3], [4]], [[float("nan")], [-1.0]], [0.0, 1.0]),
         "outside vocab": PromptTrajectories([1, VOCAB], [[3], [4]], [[-1.0], [-1.0]], [0.0, 1.0]),
         "2 completions but 2 behaviour_logps rows and 1 rewards": PromptTrajectories(
             [1], [[3], [4]], [[-1.0], [-1.0]], [0.0]
@@ -280,3 +292,37 @@ def test_bad_input_names_the_row() -> None:
     for kwargs in ({"ratio_mode": "ppo"}, {"ratio_mode": "clip", "ratio_bound": 1.5}):
         with pytest.raises(ValueError, match="ratio_"):
             POPIConfig(**kwargs)
+
+
+def test_factorised_projection_equals_kronecker_projection_of_exact_gradient() -> None:
+    beta = tiny_llama(16)
+    trajs = random_trajs(beta, n=6, seed=17)
+    model = perturbed(beta, 0.05, 18)
+    config = POPIConfig(ratio_mode="truncate")
+    fact = FactorisedProjection(model, config, k_in=5, k_out=7, seed=3, prompts_per_batch=4)
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert fact.layer_names == linears and "lm_head" in linears
+    assert fact.dim == len(linears) * 35
+    exact = POPIGradients(model, config, use_vmap=False)
+    ref = collect(exact, trajs)
+    got: dict[int, torch.Tensor] = {}
+    for indices, projected in fact.project(trajs):
+        assert projected.shape == (len(indices), fact.dim)
+        got.update(zip(indices, projected, strict=True))
+    assert sorted(got) == sorted(ref) and len(got) == 4
+    assert all(not m._forward_hooks for m in model.modules()), "hooks left on the model"
+    for i, flat in ref.items():
+        expected = []
+        for name in linears:
+            p_in, p_out = fact.projections[name]
+            start = exact.offsets[f"{name}.weight"]
+            weight_grad = flat[start : start + p_in.shape[0] * p_out.shape[0]]
+            expected.append(weight_grad @ torch.kron(p_out, p_in))
+        assert rel_err(got[i], torch.cat(expected)) < TOL, i
+
+    same = FactorisedProjection(model, config, k_in=5, k_out=7, seed=3, module_filter="mlp")
+    other = FactorisedProjection(model, config, k_in=5, k_out=7, seed=4, module_filter="mlp")
+    assert same.layer_names == [n for n in linears if ".mlp." in n]
+    name = same.layer_names[0]
+    assert torch.equal(same.projections[name][0], fact.projections[name][0])
+    assert not torch.equal(other.projections[name][0], fact.projections[name][0])

@@ -2,15 +2,53 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import datasets
 import lightning as L
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from cropi_pl.data.sampler import SubsetBatchStream
+from cropi_pl.influence.trajectories import (
+    Collector,
+    SamplingSettings,
+    TrajectoryCache,
+    fingerprint_model,
+    fingerprint_rows,
+)
 from cropi_pl.tasks.loading import load_source
 from cropi_pl.tasks.source import PromptSource
+
+
+@dataclass
+class TrajectorySettings:
+    """The offline trajectory cache: K responses per prompt sampled once from the initial policy.
+
+    Attributes:
+        cache_dir: where shards live; default ``<trainer.default_root_dir>/trajectories``.
+        pool_samples: K for pool prompts (the paper: 8).
+        target_samples: K_val for target prompts (the paper: 32).
+        temperature: behaviour sampling temperature (the reference code: 0.5).
+        top_p: behaviour nucleus sampling.
+        max_new_tokens: length budget; default the module's ``max_completion_length``.
+        seed: sampling seed.
+        shard_size: prompts per parquet shard (the unit of resumption).
+        rebuild: replace a cache made from another model, data or settings instead of refusing.
+    """
+
+    cache_dir: str | None = None
+    pool_samples: int = 8
+    target_samples: int = 32
+    temperature: float = 0.5
+    top_p: float = 1.0
+    max_new_tokens: int | None = None
+    seed: int = 0
+    shard_size: int = 64
+    rebuild: bool = False
 
 
 def collate_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -31,6 +69,7 @@ class CurriculumDataModule(L.LightningDataModule):
             pass over the current subset.
         eval_batch_size: prompts per validation batch on each rank.
         seed: data order seed; an epoch's order depends only on ``(seed, epoch)``.
+        trajectories: the offline trajectory cache used by influence and pass-rate selection.
     """
 
     def __init__(
@@ -42,6 +81,7 @@ class CurriculumDataModule(L.LightningDataModule):
         batches_per_epoch: int | None = None,
         eval_batch_size: int = 64,
         seed: int = 0,
+        trajectories: TrajectorySettings | None = None,
     ) -> None:
         super().__init__()
         self.pool_source = pool
@@ -51,10 +91,14 @@ class CurriculumDataModule(L.LightningDataModule):
         self.batches_per_epoch = batches_per_epoch
         self.eval_batch_size = eval_batch_size
         self.seed = seed
+        self.trajectory_settings = trajectories or TrajectorySettings()
         self.pool: datasets.Dataset | None = None
         self.eval_data: dict[str, datasets.Dataset] = {}
         self.target_data: dict[str, datasets.Dataset] = {}
         self.subset: list[int] | None = None
+        self.subset_stage: int | None = None
+        # Set by the curriculum callback: makes the subset right for an epoch before its loader.
+        self.subset_provider: Callable[[int], None] | None = None
         self._position = (0, 0)  # (epoch, training batches consumed in it)
         self._resume: tuple[int, int] | None = None
 
@@ -70,13 +114,14 @@ class CurriculumDataModule(L.LightningDataModule):
     def eval_names(self) -> list[str]:
         return list(self.eval_sources)
 
-    def set_subset(self, indices: list[int]) -> None:
-        """Train on these pool rows from the next epoch on (the curriculum's selection)."""
+    def set_subset(self, indices: list[int], stage: int | None = None) -> None:
+        """Train on these pool rows from the next loader on (the curriculum's selection)."""
         assert self.pool is not None, "call setup() first"
         bad = [i for i in indices if not 0 <= i < len(self.pool)]
         if bad or not indices:
             raise ValueError(f"subset must be non-empty pool indices; bad: {bad[:5]}")
         self.subset = list(indices)
+        self.subset_stage = stage
 
     def _world(self) -> tuple[int, int]:
         kwargs = (
@@ -93,6 +138,8 @@ class CurriculumDataModule(L.LightningDataModule):
         return self.batches_per_epoch or max(1, len(self.subset) // self.batch_size)
 
     def train_dataloader(self) -> DataLoader:
+        if self.subset_provider is not None:
+            self.subset_provider(self.trainer.current_epoch)
         assert self.pool is not None and self.subset is not None
         world, rank = self._world()
         sampler = SubsetBatchStream(
@@ -131,6 +178,7 @@ class CurriculumDataModule(L.LightningDataModule):
         assert self.pool is not None and self.subset is not None
         return {
             "subset_ids": [self.pool[i]["id"] for i in self.subset],
+            "subset_stage": self.subset_stage,
             "epoch": self._position[0],
             "batches_consumed": self._position[1],
         }
@@ -146,5 +194,67 @@ class CurriculumDataModule(L.LightningDataModule):
                 f"(first: {missing[:3]}); was the pool config changed since the checkpoint?"
             )
         self.subset = [index[pid] for pid in state["subset_ids"]]
+        self.subset_stage = state.get("subset_stage")
         self._position = (state["epoch"], state["batches_consumed"])
         self._resume = self._position
+
+    # ------------------------------------------------------------ trajectories
+    def trajectory_cache(self) -> TrajectoryCache:
+        root = self.trajectory_settings.cache_dir
+        if root is None:
+            base = self.trainer.default_root_dir if self.trainer else "."
+            root = str(Path(base) / "trajectories")
+        return TrajectoryCache(root)
+
+    def trajectory_splits(self) -> dict[str, tuple[datasets.Dataset, int]]:
+        """Split name -> (rows, K): the pool and every influence target set."""
+        assert self.pool is not None
+        cfg = self.trajectory_settings
+        splits = {"pool": (self.pool, cfg.pool_samples)}
+        for name, data in self.target_data.items():
+            splits[f"target/{name}"] = (data, cfg.target_samples)
+        return splits
+
+    def ensure_trajectories(self, behaviour: Any, tokenizer: Any, module: Any) -> TrajectoryCache:
+        """Collect (or resume collecting) every split with the behaviour policy; rank-split.
+
+        ``behaviour`` must be the initial policy, unsharded (each rank samples its own prompts);
+        ``module`` supplies the engine, rewards and length budget.
+        """
+        self.setup()
+        cfg = self.trajectory_settings
+        cache = self.trajectory_cache()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        model_fp = fingerprint_model(behaviour)
+        max_new = cfg.max_new_tokens or module.hparams.max_completion_length
+        for split, (rows, k) in self.trajectory_splits().items():
+            settings = SamplingSettings(k, cfg.temperature, cfg.top_p, max_new, cfg.seed)
+            if not cache.is_complete(split) or cfg.rebuild:
+                collector = Collector.for_model(
+                    behaviour,
+                    tokenizer,
+                    module.engine,
+                    module.rewards[0],
+                    settings,
+                    module.hparams.reward_timeout_s,
+                )
+                cache.collect(
+                    split,
+                    rows,
+                    collector,
+                    settings,
+                    model_fp,
+                    fingerprint_rows(rows),
+                    rank=rank,
+                    world_size=world,
+                    shard_size=cfg.shard_size,
+                    rebuild=cfg.rebuild,
+                )
+                if world > 1:
+                    dist.barrier()
+                if rank == 0:
+                    cache.mark_complete(split)
+                if world > 1:
+                    dist.barrier()
+            cache.check(split, model_fp, fingerprint_rows(rows), settings)
+        return cache

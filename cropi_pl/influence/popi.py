@@ -18,9 +18,10 @@ loop of ``torch.autograd.grad`` through the same loss.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -28,6 +29,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+
+from cropi_pl.influence.projection import derive_seed
 
 RatioMode = Literal["none", "clip", "truncate"]
 _RATIO_MODES = ("none", "clip", "truncate")
@@ -143,6 +146,9 @@ def _check(traj: PromptTrajectories, row: int, vocab_size: int | None) -> None:
                 f"trajs[{row}].behaviour_logps[{i}] has {len(logps)} entries for "
                 f"{len(completion)} completion tokens"
             )
+    values = [*traj.rewards, *(lp for row in traj.behaviour_logps for lp in row)]
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"trajs[{row}]: non-finite reward or behaviour log-prob")
     if vocab_size is not None:
         tokens = [*traj.prompt_ids, *(t for c in traj.completion_ids for t in c)]
         bad = [t for t in tokens if not 0 <= t < vocab_size]
@@ -194,6 +200,7 @@ def _group_advantages(rewards: Tensor, weights: Tensor, eps: float) -> Tensor:
     """
     mean = (weights * rewards).sum()
     spread = (weights * (rewards - mean) ** 2).sum()
+    # weights collapsed on one response leave 0/0: clamp, the advantages then just grow large
     var = spread / (1 - (weights**2).sum()).clamp_min(torch.finfo(weights.dtype).tiny)
     return (rewards - mean) / (var.sqrt() + eps)
 
@@ -239,7 +246,9 @@ class POPIGradients:
     The flat layout of a gradient vector is the order of ``named_parameters()`` restricted to
     trainable parameters matching ``config.param_filter``; ``param_names``/``offsets`` describe it.
     Gradients are returned in float32 (the backward runs in the model's dtype; log-probs and the
-    loss are always float32).
+    loss are always float32). Under vmap, PyTorch has no batching rule for the fused SDPA kernels
+    and loops over prompts for the attention op alone; eager attention batches fully (faster for
+    short sequences, O(T^2) memory per head), so the attention implementation is left to the caller.
     """
 
     def __init__(
@@ -352,6 +361,107 @@ class POPIGradients:
         return {
             name: torch.stack([g[j] for g in per_prompt]) for j, name in enumerate(self.param_names)
         }
+
+
+class FactorisedProjection:
+    """LoGra-style projection of POPI gradients of ``nn.Linear`` weights, never forming a gradient.
+
+    For a linear layer y = x W^T the weight gradient of a prompt is G = sum_tokens g x^T with
+    g = dL/dy, so its projection with the Kronecker product of P_out (out x k_out) and P_in
+    (in x k_in) is
+        vec(G) @ kron(P_out, P_in) = vec(P_out^T G P_in) = sum_tokens outer(P_out^T g, P_in^T x),
+    built from the layer inputs (forward hooks) and output gradients (autograd with respect to the
+    hooked outputs) in k_out * k_in numbers per layer: the d-dimensional gradient never exists.
+    All prompts of a batch share one ordinary forward/backward as a (p*K, T) batch: rows never
+    interact, so each row's activation gradient is its own prompt's. Biases are not projected
+    (LoGra's convention). P_in and P_out are Gaussian / sqrt(k) from a CPU generator seeded by
+    (seed, layer name), identical on every machine. Output layout: layers in ``layer_names``
+    order (``offsets``), each flattened row-major as (k_out, k_in).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: POPIConfig,
+        k_in: int,
+        k_out: int,
+        seed: int = 0,
+        module_filter: str | None = None,
+        prompts_per_batch: int = 8,
+    ) -> None:
+        if k_in < 1 or k_out < 1 or prompts_per_batch < 1:
+            raise ValueError(
+                f"k_in, k_out and prompts_per_batch must be >= 1, got {k_in}, {k_out}, "
+                f"{prompts_per_batch}"
+            )
+        self.model = model
+        self.config = config
+        self.prompts_per_batch = prompts_per_batch
+        pattern = re.compile(module_filter) if module_filter is not None else None
+        self._layers = {
+            name: m
+            for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and (pattern is None or pattern.search(name))
+        }
+        if not self._layers:
+            raise ValueError(
+                f"module_filter {module_filter!r} matches no nn.Linear of {type(model).__name__}"
+            )
+        self.layer_names: list[str] = list(self._layers)
+        self.projections: dict[str, tuple[Tensor, Tensor]] = {}
+        for name, layer in self._layers.items():
+            gen = torch.Generator().manual_seed(derive_seed("factorised", seed, name))
+            p_in = torch.randn(layer.in_features, k_in, generator=gen) / k_in**0.5
+            p_out = torch.randn(layer.out_features, k_out, generator=gen) / k_out**0.5
+            device = layer.weight.device
+            self.projections[name] = (p_in.to(device), p_out.to(device))
+        self.offsets = {name: j * k_in * k_out for j, name in enumerate(self.layer_names)}
+        self.dim: int = len(self.layer_names) * k_in * k_out
+        self._vocab_size = _vocab_size(model)
+
+    def project(self, trajs: Sequence[PromptTrajectories]) -> Iterator[tuple[list[int], Tensor]]:
+        """Yield (indices into trajs, (p, dim) float32 projected gradients) for non-zero prompts."""
+        with _eval_mode(self.model):
+            for indices in _plan(trajs, self._vocab_size, self.prompts_per_batch):
+                yield indices, self._project_batch([trajs[i] for i in indices])
+
+    def _project_batch(self, trajs: list[PromptTrajectories]) -> Tensor:
+        device = next(iter(self._layers.values())).weight.device
+        block = _collate(trajs, device)
+        p, k, t = block.input_ids.shape
+        inputs: dict[str, list[Tensor]] = {name: [] for name in self.layer_names}
+        outputs: dict[str, list[Tensor]] = {name: [] for name in self.layer_names}
+
+        def capture(name: str) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
+            def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+                inputs[name].append(args[0].detach())
+                outputs[name].append(output)
+
+            return hook
+
+        handles = [m.register_forward_hook(capture(n)) for n, m in self._layers.items()]
+        try:
+            logits = _logits(self.model(block.input_ids.reshape(p * k, t)))
+        finally:
+            for handle in handles:
+                handle.remove()
+        logits = logits.reshape(p, k, t, -1)
+        loss = sum(
+            _prompt_loss(logits[j], _Block(*(x[j] for x in block)), self.config) for j in range(p)
+        )
+        hooked = [y for name in self.layer_names for y in outputs[name]]
+        out_grads = iter(torch.autograd.grad(loss, hooked))
+        pieces = []
+        for name in self.layer_names:
+            p_in, p_out = self.projections[name]
+            piece = torch.zeros(p, p_out.shape[1], p_in.shape[1], device=device)
+            for x in inputs[name]:  # a layer called several times contributes once per call
+                xp = x.reshape(p, -1, x.shape[-1]).float() @ p_in
+                g = next(out_grads)
+                gp = g.reshape(p, -1, g.shape[-1]).float() @ p_out
+                piece += torch.einsum("pna,pnb->pab", gp, xp)
+            pieces.append(piece.reshape(p, -1))
+        return torch.cat(pieces, dim=1)
 
 
 @torch.no_grad()

@@ -1,0 +1,231 @@
+"""The CROPI curriculum as a Lightning Callback: reselect the training subset at every stage."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from transformers import AutoModelForCausalLM
+
+from cropi_pl.influence.popi import POPIConfig, PromptTrajectories, behaviour_logps
+from cropi_pl.influence.projection import ProjectionConfig, atomic_output_path
+from cropi_pl.influence.scorer import InfluenceScorer
+from cropi_pl.influence.selection import (
+    InfluenceSelector,
+    LearnabilitySelector,
+    PassRateSelector,
+    Selection,
+    SelectionContext,
+    Selector,
+    selection_size,
+)
+from cropi_pl.policy.build import resolve_model_path
+
+TRAJECTORY_SELECTORS = (InfluenceSelector, PassRateSelector, LearnabilitySelector)
+
+
+class CurriculumCallback(L.Callback):
+    """Stage ``m`` is epoch ``m`` and lasts ``stage_steps`` optimizer steps.
+
+    Before the loader of an epoch is built, the DataModule asks this callback for that epoch's
+    subset; a new stage selects ``ratio * |pool|`` prompts with ``selector`` at the current
+    parameters (influence: projected POPI gradients against each target set). Because the
+    subset is decided when the loader is built, a resumed run gets the same subset as the
+    uninterrupted one, even when it was killed right at a stage boundary.
+
+    Args:
+        selector: ``InfluenceSelector`` (CROPI), ``RandomSelector``, ``PassRateSelector``,
+            ``LearnabilitySelector`` or ``FullSelector``.
+        ratio: fraction of the pool selected per stage (the paper: 0.1).
+        stage_steps: optimizer steps per stage.
+        reselect: select again at every stage (CROPI); ``False`` keeps stage 0's subset
+            (single-stage "static" influence).
+        popi: off-policy gradient options (ratio clipping, reweighting, parameter subset).
+        projection: sparse random projection (dimension, kept fraction, kind, seed).
+        prompts_per_batch: prompts per vmapped backward in the influence pass.
+        max_target_prompts: target prompts averaged into each target gradient (the paper: 100).
+        log_drift: log KL(behaviour || current) and the importance ratios' effective sample size
+            on the cached pool responses at every stage (one extra forward over the cache).
+        selection_dir: where ``stage-XXX.json`` selections go; default
+            ``<default_root_dir>/selections``, next to the checkpoints.
+        progress: show progress bars for collection and influence passes.
+    """
+
+    def __init__(
+        self,
+        selector: Selector | None = None,
+        ratio: float = 0.1,
+        stage_steps: int = 20,
+        reselect: bool = True,
+        popi: POPIConfig | None = None,
+        projection: ProjectionConfig | None = None,
+        prompts_per_batch: int = 8,
+        max_target_prompts: int = 100,
+        log_drift: bool = True,
+        selection_dir: str | None = None,
+        progress: bool = True,
+    ) -> None:
+        if not 0 < ratio <= 1:
+            raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+        if stage_steps < 1:
+            raise ValueError(f"stage_steps must be >= 1, got {stage_steps}")
+        self.selector = selector or InfluenceSelector()
+        self.ratio = ratio
+        self.stage_steps = stage_steps
+        self.reselect = reselect
+        self.scorer = InfluenceScorer(popi, projection, prompts_per_batch, max_target_prompts)
+        self.log_drift = log_drift
+        self.selection_dir = selection_dir
+        self.progress = progress
+        self.history: dict[int, list[str]] = {}
+        self._scratch: nn.Module | None = None
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        iterations = getattr(pl_module.hparams, "num_iterations", 1)
+        if self.stage_steps % iterations:
+            raise ValueError(
+                f"stage_steps={self.stage_steps} must be a multiple of num_iterations={iterations}"
+            )
+        dm = trainer.datamodule
+        dm.batches_per_epoch = self.stage_steps // iterations
+        trainer.reload_dataloaders_every_n_epochs = 1
+        dm.subset_provider = partial(self.ensure_stage, trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": {str(k): v for k, v in self.history.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = {int(k): v for k, v in state_dict.get("history", {}).items()}
+
+    # -------------------------------------------------------------- selection
+    def stage_of(self, epoch: int) -> int:
+        return epoch if self.reselect else 0
+
+    def ensure_stage(self, trainer: L.Trainer, module: L.LightningModule, epoch: int) -> None:
+        """Make the DataModule's subset the one of ``epoch``'s stage, selecting if needed."""
+        stage = self.stage_of(epoch)
+        dm = trainer.datamodule
+        if dm.subset_stage == stage:
+            return
+        selection = self.select(trainer, module, stage)
+        dm.set_subset(selection.indices, stage)
+
+    def select(self, trainer: L.Trainer, module: L.LightningModule, stage: int) -> Selection:
+        start = time.perf_counter()
+        dm = trainer.datamodule
+        dm.setup()
+        pool_ids = list(dm.pool["id"])
+        n = selection_size(len(pool_ids), self.ratio)
+        ctx = SelectionContext(ids=pool_ids, seed=dm.seed, stage=stage)
+        metrics: dict[str, float] = {}
+        pool_trajs: list[PromptTrajectories] = []
+        if isinstance(self.selector, TRAJECTORY_SELECTORS):
+            behaviour = self._load_initial(module)
+            cache = dm.ensure_trajectories(behaviour, module.tokenizer, module)
+            rates = cache.pass_rates("pool")
+            ctx.pass_rate = torch.tensor([rates[i] for i in pool_ids], dtype=torch.float32)
+            _, pool_trajs = cache.to_trajectories("pool")
+        if isinstance(self.selector, InfluenceSelector):
+            model = self._current_weights(module)
+            targets = {name: cache.to_trajectories(f"target/{name}")[1] for name in dm.target_data}
+            if not targets:
+                raise ValueError("influence selection needs data.targets (influence target sets)")
+            result = self.scorer.score(model, pool_trajs, targets, self.progress)
+            ctx.scores, ctx.eligible = result.scores, result.eligible
+            metrics.update({f"curriculum/{k}": v for k, v in result.stats.items()})
+            metrics["curriculum/influence_seconds"] = result.seconds
+            if self.log_drift:
+                metrics.update(_drift(model, pool_trajs))
+        selection = self.selector.select(ctx, n)
+        selection.stage = stage
+        metrics["curriculum/selection_seconds"] = time.perf_counter() - start
+        self._record(trainer, module, selection, ctx, metrics)
+        return selection
+
+    # ---------------------------------------------------------------- helpers
+    def _load_initial(self, module: L.LightningModule) -> nn.Module:
+        """An unsharded copy of the initial policy (the behaviour policy beta)."""
+        path = resolve_model_path(module.model_name)
+        dtype = next(module.policy.parameters()).dtype
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return model.to(module.device).eval()
+
+    def _current_weights(self, module: L.LightningModule) -> nn.Module:
+        """An unsharded model holding the policy's current parameters (gathered under FSDP)."""
+        if self._scratch is None:
+            self._scratch = self._load_initial(module)
+        state = get_model_state_dict(module.policy, options=StateDictOptions(full_state_dict=True))
+        self._scratch.load_state_dict(state)
+        return self._scratch
+
+    def _record(
+        self,
+        trainer: L.Trainer,
+        module: L.LightningModule,
+        selection: Selection,
+        ctx: SelectionContext,
+        metrics: dict[str, float],
+    ) -> None:
+        stage = selection.stage
+        previous = self.history.get(stage - 1)
+        self.history[stage] = list(selection.ids)
+        if trainer.global_rank != 0:
+            return
+        dm = trainer.datamodule
+        directory = Path(self.selection_dir or Path(trainer.default_root_dir) / "selections")
+        directory.mkdir(parents=True, exist_ok=True)
+        selection.save(directory / f"stage-{stage:03d}.json")
+        metrics["curriculum/stage"] = float(stage)
+        metrics["curriculum/selection_size"] = float(len(selection.ids))
+        if previous is not None:
+            overlap = len(set(previous) & set(selection.ids)) / max(1, len(selection.ids))
+            metrics["curriculum/overlap_with_previous"] = overlap
+        families = Counter(dm.pool[i]["family"] for i in selection.indices)
+        for family, count in families.items():
+            metrics[f"curriculum/family/{family}"] = count / len(selection.indices)
+        writer = getattr(module.logger, "experiment", None)
+        step = stage * self.stage_steps
+        if writer is not None and hasattr(writer, "add_scalar"):
+            for key, value in metrics.items():
+                writer.add_scalar(key, value, step)
+            if selection.scores and any(math.isfinite(s) for s in selection.scores):
+                writer.add_histogram("curriculum/scores", torch.tensor(selection.scores), step)
+            if ctx.pass_rate is not None:
+                writer.add_histogram("curriculum/pass_rate_pool", ctx.pass_rate, step)
+                chosen = ctx.pass_rate[torch.tensor(selection.indices)]
+                writer.add_histogram("curriculum/pass_rate_selected", chosen, step)
+        with atomic_output_path(directory / f"stage-{stage:03d}.metrics.json") as tmp:
+            Path(tmp).write_text(json.dumps(metrics, indent=1, sort_keys=True))
+
+
+@torch.no_grad()
+def _drift(model: nn.Module, trajs: list[PromptTrajectories]) -> dict[str, float]:
+    """KL(behaviour || current) per token and the mean per-prompt ESS of sequence ratios."""
+    kl_sum, tokens, ess = 0.0, 0, []
+    for t in trajs:
+        current = behaviour_logps(model, t.prompt_ids, t.completion_ids)
+        log_w: list[float] = []
+        for cur, beh in zip(current, t.behaviour_logps, strict=True):
+            diff = torch.tensor(beh, dtype=torch.float64) - torch.tensor(cur, dtype=torch.float64)
+            kl_sum += float(diff.sum())
+            tokens += len(beh)
+            log_w.append(-float(diff.sum()))
+        w = torch.tensor(log_w, dtype=torch.float64)
+        w = torch.exp(w - w.max())
+        ess.append(float(w.sum() ** 2 / (w.pow(2).sum() * len(w))))
+    return {
+        "curriculum/kl_behaviour_current": kl_sum / max(tokens, 1),
+        "curriculum/ess_fraction": sum(ess) / max(len(ess), 1),
+    }
