@@ -12,7 +12,8 @@ class CROPICLI(LightningCLI):
     """LightningCLI with the project's defaults (TensorBoard, overwritable run config)."""
 
 
-def main(args: list[str] | None = None) -> CROPICLI:
+def main(args: list[str] | None = None, run: bool = True) -> CROPICLI:
+    """Parse ``args`` (default ``sys.argv``); ``run=False`` only instantiates (for tools)."""
     return CROPICLI(
         model_class=GRPOModule,
         datamodule_class=CurriculumDataModule,
@@ -22,6 +23,7 @@ def main(args: list[str] | None = None) -> CROPICLI:
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         args=args,
+        run=run,
     )
 
 

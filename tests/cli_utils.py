@@ -13,17 +13,26 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny_test.yaml"
 
 
-def run_cli(*args: str, run_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the CLI with every output path redirected under ``run_dir``."""
-    paths = [
-        f"--trainer.default_root_dir={run_dir}",
-        f"--trainer.logger.init_args.save_dir={run_dir}",
-        f"--trainer.callbacks.init_args.dirpath={run_dir / 'checkpoints'}",
-    ]
-    cmd = [sys.executable, "-m", "cropi_pl", *args[:1], "--config", str(TINY), *paths, *args[1:]]
+def run_cli(
+    *args: str,
+    run_dir: Path,
+    config: Path = TINY,
+    timeout: float = 300,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    """Run the CLI with every output path redirected under ``run_dir``.
+
+    The config's checkpoint directory must be ``runs/test/checkpoints``: it is rewritten here.
+    """
+    text = config.read_text().replace("runs/test", str(run_dir))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    local = run_dir / f"_{config.name}"
+    local.write_text(text)
+    paths = [f"--trainer.default_root_dir={run_dir}"]
+    cmd = [sys.executable, "-m", "cropi_pl", *args[:1], "--config", str(local), *paths, *args[1:]]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise AssertionError(
             f"CLI failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         )

@@ -35,12 +35,20 @@ def _fit(tmp_path, max_steps=9, stage_steps=3, reselect=True):
     )
     module = RecordingModule()
     callback = CurriculumCallback(
-        selector=RandomSelector(), ratio=0.25, stage_steps=stage_steps, reselect=reselect,
+        selector=RandomSelector(),
+        ratio=0.25,
+        stage_steps=stage_steps,
+        reselect=reselect,
         progress=False,
     )
     trainer = L.Trainer(
-        max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        default_root_dir=tmp_path, num_sanity_val_steps=0, limit_val_batches=0,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
         callbacks=[callback],
     )
     trainer.fit(module, dm)
@@ -54,7 +62,9 @@ def _selection(path):
 def test_stage_boundaries_and_served_subset_equals_selection(tmp_path):
     module, dm, selections = _fit(tmp_path)
     assert sorted(p.name for p in selections.glob("stage-*[0-9].json")) == [
-        "stage-000.json", "stage-001.json", "stage-002.json",
+        "stage-000.json",
+        "stage-001.json",
+        "stage-002.json",
     ]
     stages = [set(_selection(selections / f"stage-{m:03d}.json")) for m in range(3)]
     assert all(len(s) == 10 for s in stages)  # 25% of 40

@@ -9,7 +9,9 @@ pytestmark = pytest.mark.distributed
 
 
 def _losses(run_dir, *extra):
-    run_cli("fit", "--trainer.max_steps=2", "--trainer.val_check_interval=2", *extra, run_dir=run_dir)
+    run_cli(
+        "fit", "--trainer.max_steps=2", "--trainer.val_check_interval=2", *extra, run_dir=run_dir
+    )
     tags = event_tags(run_dir)
     return torch.tensor(tags["train/loss"]), torch.tensor(tags["reward"])
 

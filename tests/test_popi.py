@@ -25,7 +25,7 @@ TOL = 1e-5
 
 @pytest.fixture(autouse=True, scope="module")
 def single_thread() -> Iterator[None]:
-    """Tiny models: intra-op threading only adds overhead, and stalls badly on a shared 2-core box."""
+    """Tiny models: intra-op threads only add overhead and stall badly on a shared 2-core box."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

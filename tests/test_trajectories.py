@@ -142,6 +142,10 @@ def test_round_trip_matches_direct_calls(tmp_path: Path) -> None:
     assert cache.is_complete("pool")
     assert cache.size_bytes("pool") == sum(len(b) for b in shard_bytes(tmp_path).values()) > 0
 
+    again = FakePolicy()
+    collect(tmp_path, rows, again)  # a complete, matching split: nothing to sample or rewrite
+    assert again.sample_calls == 0 and cache.manifest() == manifest
+
     ids, trajs = cache.to_trajectories("pool")
     assert ids == rows["id"]
     assert [t.completion_ids for t in trajs] == [r["completion_ids"] for r in loaded]
@@ -383,13 +387,13 @@ def test_real_tiny_llama_collection(tmp_path: Path) -> None:
 
     tokenizer = build_tokenizer()
     model = tiny_llama(1, len(tokenizer))
-    rows = generate_tasks(families=("add",), difficulties=(1,), num_per_cell=3, split="validation")
-    settings = SamplingSettings(num_samples=2, temperature=1.0, top_p=0.9, max_new_tokens=8, seed=3)
+    rows = generate_tasks(families=("add",), difficulties=(1,), num_per_cell=2, split="validation")
+    settings = SamplingSettings(num_samples=2, temperature=1.0, top_p=0.9, max_new_tokens=6, seed=3)
     reward = ExactNumberReward()
     collector = Collector.for_model(model, tokenizer, HFGenerateEngine(), reward, settings)
     cache = TrajectoryCache(tmp_path)
     args = (settings, fingerprint_model(model), fingerprint_rows(rows))
-    cache.collect("val", rows, collector, *args, shard_size=2, progress=True)
+    cache.collect("val", rows, collector, *args, shard_size=1, progress=True)
     loaded = cache.load("val").to_list()
     assert [r["id"] for r in loaded] == rows["id"]
     for row, got in zip(rows.to_list(), loaded, strict=True):
@@ -417,7 +421,7 @@ def test_real_tiny_llama_collection(tmp_path: Path) -> None:
             np.testing.assert_allclose(lps, ref, atol=1e-5, rtol=0)
     # resampling in a fresh cache (different shard layout) reproduces the same samples
     cache2 = TrajectoryCache(tmp_path / "again")
-    cache2.collect("val", rows, collector, *args, shard_size=3, progress=False)
+    cache2.collect("val", rows, collector, *args, shard_size=2, progress=False)
     assert cache2.load("val").to_list() == loaded
 
 

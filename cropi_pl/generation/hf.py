@@ -16,12 +16,35 @@ class SeededGumbelSampler(LogitsProcessor):
     ``argmax(logits / T + Gumbel)`` is a draw from ``softmax(logits / T)``. Drawing each row's noise
     from its own seeded generator makes every completion independent of which rows share its batch,
     so 1 process and N ranks sample the same completions for the same prompts.
+
+    Noise is drawn ahead for up to ``max_steps`` steps, one ``rand`` call per row per block
+    instead of per step (a generator's stream is the same either way), as long as the block stays
+    within ``NOISE_BUDGET`` floats, so a large vocabulary still draws step by step.
     """
 
-    def __init__(self, seeds: list[int], temperature: float, top_p: float) -> None:
+    NOISE_BUDGET = 1 << 22
+
+    def __init__(
+        self, seeds: list[int], temperature: float, top_p: float, max_steps: int = 1
+    ) -> None:
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]
         self.temperature = temperature
         self.top_p = top_p
+        self.max_steps = max_steps
+        self._noise = torch.empty(len(seeds), 0, 0)
+        self._next_step = 0
+
+    def _gumbel(self, vocab: int) -> torch.Tensor:
+        """This step's ``(rows, vocab)`` Gumbel noise, refilling the pre-drawn block when spent."""
+        if self._next_step == self._noise.shape[1]:
+            budget = self.NOISE_BUDGET // (len(self.generators) * vocab)
+            steps = max(1, min(self.max_steps, budget))
+            uniform = torch.stack([torch.rand(steps * vocab, generator=g) for g in self.generators])
+            uniform = uniform.view(len(self.generators), steps, vocab)
+            self._noise = -torch.log(-torch.log(uniform.clamp_min(1e-20)))
+            self._next_step = 0
+        self._next_step += 1
+        return self._noise[:, self._next_step - 1]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         scores = scores.float() / self.temperature
@@ -31,10 +54,7 @@ class SeededGumbelSampler(LogitsProcessor):
             drop_sorted = cumulative - sorted_scores.softmax(-1) >= self.top_p
             drop = drop_sorted.scatter(-1, order, drop_sorted)
             scores = scores.masked_fill(drop, float("-inf"))
-        vocab = scores.shape[-1]
-        uniform = torch.stack([torch.rand(vocab, generator=g) for g in self.generators])
-        gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-20)))
-        return scores + gumbel.to(scores.device)
+        return scores + self._gumbel(scores.shape[-1]).to(scores.device)
 
 
 def _is_sharded(model: nn.Module) -> bool:
@@ -119,7 +139,7 @@ class HFGenerateEngine(GenerationEngine):
             if self.reproducible:
                 if seeds is None:
                     seeds = torch.randint(0, 2**62, (len(rows),)).tolist()
-                processors.append(SeededGumbelSampler(seeds, temperature, top_p))
+                processors.append(SeededGumbelSampler(seeds, temperature, top_p, max_new_tokens))
             else:
                 config.do_sample, config.temperature, config.top_p = True, temperature, top_p
                 config.top_k = 0

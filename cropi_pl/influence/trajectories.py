@@ -445,6 +445,7 @@ class TrajectoryCache:
         tag = seed_tag(split, settings)
         total = sum(min(len(rows), (j + 1) * shard_size) - j * shard_size for j in mine)
         bar = tqdm(total=total, desc=f"trajectories {split}", disable=not progress or rank != 0)
+        wrote = False
         with bar:
             for j in mine:
                 start, stop = j * shard_size, min(len(rows), (j + 1) * shard_size)
@@ -457,10 +458,11 @@ class TrajectoryCache:
                     rows.select(range(start, stop)).to_list(), collector, settings, tag
                 )
                 self._write_shard(path, columns, meta)
+                wrote = True
                 bar.update(stop - start)
                 if rank == 0:
                     self._record_progress(split, manifest)
-        if world_size == 1:
+        if world_size == 1 and (wrote or not done):
             self.mark_complete(split)
 
     def _start_split(
@@ -642,15 +644,10 @@ class TrajectoryCache:
         from cropi_pl.influence.popi import PromptTrajectories
 
         columns = self.load(split).to_dict()
+        fields = ("prompt_ids", "completion_ids", "behaviour_logps", "rewards")
         trajs = [
-            PromptTrajectories(*fields)
-            for fields in zip(
-                columns["prompt_ids"],
-                columns["completion_ids"],
-                columns["behaviour_logps"],
-                columns["rewards"],
-                strict=True,
-            )
+            PromptTrajectories(**dict(zip(fields, values, strict=True)))
+            for values in zip(*(columns[f] for f in fields), strict=True)
         ]
         return columns["id"], trajs
 

@@ -1,0 +1,71 @@
+"""The CROPI curriculum through the real CLI: stages, saved selections, and resume after SIGKILL."""
+
+import json
+
+import pytest
+import torch
+
+from tests.cli_utils import ROOT, event_tags, policy_state, run_cli
+
+CROPI = ROOT / "tests" / "configs" / "cropi_test.yaml"
+KILL = "--trainer.callbacks+=tests.kill.KillAtStep"
+
+
+def _selections(run_dir):
+    return {
+        p.name: json.loads(p.read_text())["ids"]
+        for p in sorted((run_dir / "selections").glob("stage-*[0-9].json"))
+    }
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("straight")
+    run_cli("fit", config=CROPI, run_dir=run_dir)
+    return run_dir
+
+
+def test_three_stages_selected_logged_and_saved(straight):
+    selections = _selections(straight)
+    assert list(selections) == ["stage-000.json", "stage-001.json", "stage-002.json"]
+    assert all(len(ids) == 4 for ids in selections.values())  # 25% of 16 prompts
+    tags = event_tags(straight)
+    for tag in (
+        "curriculum/stage",
+        "curriculum/influence_seconds",
+        "curriculum/selection_size",
+        "curriculum/kl_behaviour_current",
+        "curriculum/ess_fraction",
+        "reward",
+    ):
+        assert tag in tags, f"missing {tag}"
+    assert tags["curriculum/stage"] == [0.0, 1.0, 2.0]
+    assert (straight / "trajectories" / "manifest.json").exists()
+
+
+def test_resume_after_sigkill_mid_stage_matches_uninterrupted(straight, tmp_path):
+    proc = run_cli(
+        "fit",
+        KILL,
+        "--trainer.callbacks.init_args.step=3",
+        config=CROPI,
+        run_dir=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == -9, "the run should have been killed by SIGKILL"
+    killed_at = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert (
+        killed_at["global_step"] == 2
+    )  # mid stage 1 (steps 2-3): the kill came before step 3's save
+    run_cli("fit", "--ckpt_path=last", config=CROPI, run_dir=tmp_path)
+    assert _selections(tmp_path) == _selections(straight)
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 6
+    assert a["CurriculumDataModule"] == b["CurriculumDataModule"]
+    wa, wb = (
+        policy_state(straight / "checkpoints" / "last.ckpt"),
+        policy_state(tmp_path / "checkpoints" / "last.ckpt"),
+    )
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -1,0 +1,318 @@
+"""The acceleration experiment: full-pool GRPO vs 10% subsets (random, pass rate, static influence,
+CROPI) on the embedded tasks, same batch size and step budget, several seeds.
+
+    python tools/reproduce_acceleration.py [--seeds 0 1 2] [--steps 45] [--val-every 5]
+
+For every method and seed it runs ``python -m cropi_pl fit`` on ``configs/cropi_tiny.yaml`` plus
+``configs/method/<method>.yaml`` and reads TensorBoard. Reported per method:
+- targeted and untargeted validation accuracy against step (mean, min, max over seeds);
+- steps to reach the best targeted accuracy the full-pool run reaches within the budget (same
+  seed), and the step acceleration ``full's steps to its best / method's steps``;
+- the same in wall-clock seconds of training, with trajectory collection (once, charged in full to
+  every method that needs it) and every selection pass counted; validation time is excluded for
+  all methods alike.
+Writes ``results/acceleration.json`` and ``results/acceleration.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("full", "random", "pass_rate", "static_influence", "cropi")
+USES_TRAJECTORIES = {"pass_rate", "static_influence", "cropi", "learnability"}
+STEP_TIMES = ("time/generation_s", "time/reward_and_prep_s", "time/training_s")
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag under ``run_dir`` as (step, value) pairs sorted by step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for events in sorted(run_dir.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def overlay(method: str, run_dir: Path, cache_dir: Path, args: argparse.Namespace) -> Path:
+    """A per-run YAML: the method's callbacks, no checkpoints, outputs under ``run_dir``."""
+    spec = yaml.safe_load((ROOT / "configs" / "method" / f"{method}.yaml").read_text())
+    callbacks = [
+        c for c in spec["trainer"]["callbacks"] if "ModelCheckpoint" not in c["class_path"]
+    ]
+    for c in callbacks:
+        c["init_args"]["stage_steps"] = args.stage_steps
+        c["init_args"]["progress"] = False
+    config = {
+        "seed_everything": args.seed,
+        "trainer": {
+            "default_root_dir": str(run_dir),
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(run_dir), "name": "grpo"},
+            },
+            "callbacks": callbacks,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "max_steps": args.steps,
+            "val_check_interval": args.val_every,
+        },
+        "model": {"init_args": {"seed": args.seed}},
+        "data": {"init_args": {"seed": args.seed, "trajectories": {"cache_dir": str(cache_dir)}}},
+    }
+    path = run_dir / "overlay.yaml"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run(cmd: list[str], log: Path) -> float:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    start = time.perf_counter()
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log}")
+    return time.perf_counter() - start
+
+
+def curve(tags: dict[str, list[tuple[int, float]]], tag: str, base: float) -> dict[int, float]:
+    return {0: base, **dict(tags.get(tag, []))}
+
+
+def train_seconds_by_step(
+    run_dir: Path, tags: dict, collection_s: float, stage_steps: int
+) -> dict[int, float]:
+    """Cumulative seconds of training work up to and including each step (0-based steps)."""
+    per_step: dict[int, float] = {}
+    for tag in STEP_TIMES:
+        for step, value in tags.get(tag, []):
+            per_step[step] = per_step.get(step, 0.0) + value
+    selections: dict[int, float] = {}
+    for metrics in sorted((run_dir / "selections").glob("stage-*.metrics.json")):
+        stage = int(metrics.name.split("-")[1].split(".")[0])
+        data = json.loads(metrics.read_text())
+        selections[stage] = data.get("curriculum/selection_seconds", 0.0)
+    out, total = {0: collection_s}, collection_s
+    for step in sorted(per_step):
+        if step % stage_steps == 0:
+            total += selections.get(step // stage_steps, 0.0)
+        total += per_step[step]
+        out[step + 1] = total  # after step s, global_step == s + 1
+    return out
+
+
+def first_reaching(points: dict[int, float], threshold: float) -> int | None:
+    return next((s for s in sorted(points) if points[s] >= threshold - 1e-9), None)
+
+
+def summarise(results: dict[str, dict[int, dict]], seeds: list[int]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for method, by_seed in results.items():
+        step_acc, wall_acc, steps_to, final_u, final_t = [], [], [], [], []
+        for seed in seeds:
+            r, full = by_seed[seed], results["full"][seed]
+            best = max(full["targeted"].values())
+            full_step = first_reaching(full["targeted"], best)
+            step = first_reaching(r["targeted"], best)
+            steps_to.append(step)
+            if step is not None and full_step is not None:
+                step_acc.append(full_step / max(step, 1) if step else math.inf)
+                wall_full = full["wall"].get(full_step, 0.0)
+                wall = r["wall"].get(step, 0.0)
+                wall_acc.append(wall_full / wall if wall > 0 else math.inf)
+            else:
+                step_acc.append(0.0)
+                wall_acc.append(0.0)
+            final_u.append(r["untargeted"][max(r["untargeted"])])
+            final_t.append(r["targeted"][max(r["targeted"])])
+        summary[method] = {
+            "step_acceleration": statistics.median(step_acc),
+            "wallclock_acceleration": statistics.median(wall_acc),
+            "step_acceleration_per_seed": step_acc,
+            "wallclock_acceleration_per_seed": wall_acc,
+            "steps_to_full_best_per_seed": steps_to,
+            "final_targeted_mean": statistics.mean(final_t),
+            "final_untargeted_mean": statistics.mean(final_u),
+            "best_targeted_mean": statistics.mean(
+                max(by_seed[s]["targeted"].values()) for s in seeds
+            ),
+            "curves": {
+                kind: {
+                    str(step): {
+                        "mean": statistics.mean(by_seed[s][kind][step] for s in seeds),
+                        "min": min(by_seed[s][kind][step] for s in seeds),
+                        "max": max(by_seed[s][kind][step] for s in seeds),
+                    }
+                    for step in sorted(by_seed[seeds[0]][kind])
+                    if all(step in by_seed[s][kind] for s in seeds)
+                }
+                for kind in ("targeted", "untargeted")
+            },
+        }
+    return summary
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    for ax, kind in zip(axes, ("targeted", "untargeted"), strict=True):
+        for method, s in summary.items():
+            points = s["curves"][kind]
+            steps = [int(k) for k in points]
+            mean = [points[k]["mean"] for k in points]
+            ax.plot(steps, mean, marker="o", ms=3, label=method)
+            ax.fill_between(
+                steps,
+                [points[k]["min"] for k in points],
+                [points[k]["max"] for k in points],
+                alpha=0.15,
+            )
+        ax.set_title(f"{kind} validation accuracy (greedy)")
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (mean, min-max over seeds)")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=45)
+    parser.add_argument("--stage-steps", type=int, default=15)
+    parser.add_argument("--val-every", type=int, default=5)
+    parser.add_argument("--config", default="configs/cropi_tiny.yaml")
+    parser.add_argument("--runs", default="runs/acceleration")
+    parser.add_argument("--out", default="results")
+    args = parser.parse_args()
+    if "full" not in args.methods:
+        raise SystemExit("--methods must include 'full': accelerations are relative to it")
+    runs, out = ROOT / args.runs, ROOT / args.out
+    runs.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = runs / "trajectories"
+    py = sys.executable
+    started = time.perf_counter()
+
+    base_dir = runs / "base"
+    args.seed = args.seeds[0]
+    base_overlay = overlay("full", base_dir, cache, args)
+    run(
+        [py, "-m", "cropi_pl", "validate", "--config", args.config, "--config", str(base_overlay)],
+        base_dir / "log.txt",
+    )
+    base_tags = scalars(base_dir)
+    base = {k: base_tags[f"val/{k}/accuracy"][-1][1] for k in ("targeted", "untargeted")}
+    print(f"starting policy: targeted {base['targeted']:.3f}, untargeted {base['untargeted']:.3f}")
+
+    collection_s = 0.0
+    if USES_TRAJECTORIES & set(args.methods):
+        collection_s = run(
+            [
+                py,
+                "tools/collect_trajectories.py",
+                "--config",
+                args.config,
+                "--config",
+                str(base_overlay),
+            ],
+            runs / "collect_log.txt",
+        )
+        print(f"trajectory collection: {collection_s:.1f}s (charged to every method that uses it)")
+
+    results: dict[str, dict[int, dict]] = {m: {} for m in args.methods}
+    for seed in args.seeds:
+        for method in args.methods:
+            args.seed = seed
+            run_dir = runs / f"{method}-seed{seed}"
+            if run_dir.exists():
+                subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+            path = overlay(method, run_dir, cache, args)
+            seconds = run(
+                [py, "-m", "cropi_pl", "fit", "--config", args.config, "--config", str(path)],
+                run_dir / "log.txt",
+            )
+            tags = scalars(run_dir)
+            charged = collection_s if method in USES_TRAJECTORIES else 0.0
+            results[method][seed] = {
+                "targeted": curve(tags, "val/targeted/accuracy", base["targeted"]),
+                "untargeted": curve(tags, "val/untargeted/accuracy", base["untargeted"]),
+                "wall": train_seconds_by_step(run_dir, tags, charged, args.stage_steps),
+                "process_seconds": seconds,
+            }
+            t = results[method][seed]["targeted"]
+            print(
+                f"{method:17s} seed {seed}: targeted {[round(t[s], 3) for s in sorted(t)]} "
+                f"({seconds:.0f}s)",
+                flush=True,
+            )
+
+    summary = summarise(results, args.seeds)
+    print(
+        f"\n{'method':17s} {'step acc.':>9s} {'wall acc.':>9s} {'best tgt':>8s} "
+        f"{'final tgt':>9s} {'final untgt':>11s}  steps to full's best (per seed)"
+    )
+    for method, s in summary.items():
+        print(
+            f"{method:17s} {s['step_acceleration']:9.2f} {s['wallclock_acceleration']:9.2f} "
+            f"{s['best_targeted_mean']:8.3f} {s['final_targeted_mean']:9.3f} "
+            f"{s['final_untargeted_mean']:11.3f}  {s['steps_to_full_best_per_seed']}"
+        )
+    report = {
+        "cropi": {
+            "step_acceleration": summary.get("cropi", {}).get("step_acceleration"),
+            "wallclock_acceleration": summary.get("cropi", {}).get("wallclock_acceleration"),
+        },
+        "methods": summary,
+        "base_accuracy": base,
+        "trajectory_collection_seconds": collection_s,
+        "settings": {
+            "seeds": args.seeds,
+            "steps": args.steps,
+            "stage_steps": args.stage_steps,
+            "val_every": args.val_every,
+            "config": args.config,
+        },
+        "raw": {
+            m: {
+                str(s): {
+                    k: {str(a): b for a, b in v.items()} if isinstance(v, dict) else v
+                    for k, v in r.items()
+                }
+                for s, r in by.items()
+            }
+            for m, by in results.items()
+        },
+        "total_seconds": time.perf_counter() - started,
+    }
+    (out / "acceleration.json").write_text(json.dumps(report, indent=1))
+    plot(summary, out / "acceleration.png")
+    print(
+        f"\nwrote {out / 'acceleration.json'} and {out / 'acceleration.png'} "
+        f"in {report['total_seconds'] / 60:.1f} min"
+    )
+
+
+if __name__ == "__main__":
+    main()
