@@ -28,7 +28,8 @@ def straight(tmp_path_factory):
 def test_three_stages_selected_logged_and_saved(straight):
     selections = _selections(straight)
     assert list(selections) == ["stage-000.json", "stage-001.json", "stage-002.json"]
-    assert all(len(ids) == 4 for ids in selections.values())  # 25% of 16 prompts
+    # at most 25% of 16 prompts: prompts whose cached rewards are all equal are never selected
+    assert all(1 <= len(ids) <= 4 for ids in selections.values())
     tags = event_tags(straight)
     for tag in (
         "curriculum/stage",

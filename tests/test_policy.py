@@ -50,7 +50,7 @@ def test_tokenizer_special_ids_and_padding():
     batch = tokenizer(["Q: 1\nA: ", "Q: 12+3\nA: "], padding=True)
     assert batch["input_ids"][0][:3] == [0, 0, 0]  # left padding for generation
     assert batch["attention_mask"][0] == [0, 0, 0] + [1] * 8
-    assert tokenizer.decode([5, 6, tokenizer.eos_token_id, 0], skip_special_tokens=True) == "!\""
+    assert tokenizer.decode([5, 6, tokenizer.eos_token_id, 0], skip_special_tokens=True) == '!"'
 
 
 def test_shipped_policy_loads_offline_and_answers_easy_prompts():
@@ -70,8 +70,15 @@ def test_shipped_policy_loads_offline_and_answers_easy_prompts():
 def test_build_policy_is_deterministic_in_the_seed(tmp_path):
     def weights(seed: int, name: str) -> dict[str, torch.Tensor]:
         out = build_policy(
-            tmp_path / name, TINY, seed=seed, sft_steps=3, batch_size=4, train_per_cell=2,
-            eval_per_cell=1, num_samples=2, progress=False,
+            tmp_path / name,
+            TINY,
+            seed=seed,
+            sft_steps=3,
+            batch_size=4,
+            train_per_cell=2,
+            eval_per_cell=1,
+            num_samples=2,
+            progress=False,
         )
         return AutoModelForCausalLM.from_pretrained(out, local_files_only=True).state_dict()
 

@@ -28,6 +28,7 @@ from cropi_pl.influence.selection import (
     Selector,
     selection_size,
 )
+from cropi_pl.influence.trajectories import TrajectoryCache
 from cropi_pl.policy.build import resolve_model_path
 
 TRAJECTORY_SELECTORS = (InfluenceSelector, PassRateSelector, LearnabilitySelector)
@@ -88,6 +89,7 @@ class CurriculumCallback(L.Callback):
         self.progress = progress
         self.history: dict[int, list[str]] = {}
         self._scratch: nn.Module | None = None
+        self._cache: TrajectoryCache | None = None
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -132,8 +134,10 @@ class CurriculumCallback(L.Callback):
         metrics: dict[str, float] = {}
         pool_trajs: list[PromptTrajectories] = []
         if isinstance(self.selector, TRAJECTORY_SELECTORS):
-            behaviour = self._load_initial(module)
-            cache = dm.ensure_trajectories(behaviour, module.tokenizer, module)
+            if self._cache is None:  # collected (or verified) once per process
+                behaviour = self._load_initial(module)
+                self._cache = dm.ensure_trajectories(behaviour, module.tokenizer, module)
+            cache = self._cache
             rates = cache.pass_rates("pool")
             ctx.pass_rate = torch.tensor([rates[i] for i in pool_ids], dtype=torch.float32)
             _, pool_trajs = cache.to_trajectories("pool")

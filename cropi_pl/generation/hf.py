@@ -75,7 +75,6 @@ class HFGenerateEngine(GenerationEngine):
         self.reproducible = reproducible
         self.batch_size = batch_size
 
-    @torch.no_grad()
     def generate(
         self,
         model: nn.Module,
@@ -93,21 +92,25 @@ class HFGenerateEngine(GenerationEngine):
         if seeds is not None and len(seeds) != len(rows):
             raise ValueError(f"expected {len(rows)} seeds (one per completion), got {len(seeds)}")
         out: list[Completion] = []
-        for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start : start + self.batch_size]
-            chunk_seeds = seeds[start : start + self.batch_size] if seeds else None
-            out.extend(
-                self._generate_chunk(
-                    model,
-                    chunk,
-                    chunk_seeds,
-                    max_new_tokens,
-                    temperature,
-                    top_p,
-                    eos_token_id,
-                    pad_token_id,
+        # inference_mode skips autograd's bookkeeping, which small decode steps are dominated by
+        # (only token lists leave this call); FSDP2 must not gather its parameters into inference
+        # tensors, so sharded models decode under no_grad.
+        with torch.no_grad() if _is_sharded(model) else torch.inference_mode():
+            for start in range(0, len(rows), self.batch_size):
+                chunk = rows[start : start + self.batch_size]
+                chunk_seeds = seeds[start : start + self.batch_size] if seeds else None
+                out.extend(
+                    self._generate_chunk(
+                        model,
+                        chunk,
+                        chunk_seeds,
+                        max_new_tokens,
+                        temperature,
+                        top_p,
+                        eos_token_id,
+                        pad_token_id,
+                    )
                 )
-            )
         return out
 
     def _generate_chunk(
