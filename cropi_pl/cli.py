@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from lightning.pytorch.cli import LightningCLI
 
 from cropi_pl.data.datamodule import CurriculumDataModule
@@ -14,6 +16,8 @@ class CROPICLI(LightningCLI):
 
 def main(args: list[str] | None = None, run: bool = True) -> CROPICLI:
     """Parse ``args`` (default ``sys.argv``); ``run=False`` only instantiates (for tools)."""
+    # GRPO steps inside training_step; checkpoints are meant to hold the post-step state.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     return CROPICLI(
         model_class=GRPOModule,
         datamodule_class=CurriculumDataModule,

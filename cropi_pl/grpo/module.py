@@ -299,7 +299,8 @@ class GRPOModule(L.LightningModule):
             rows = slice(start, start + hp.micro_batch_size)
             part = packed.rows(rows)
             width = part.mask.shape[1]
-            logp, entropy = token_logps(self.policy, part, with_entropy=True)
+            entropy_mode = "grad" if hp.entropy_coef else "detached"
+            logp, entropy = token_logps(self.policy, part, entropy=entropy_mode)
             device = logp.device
             old = logp.detach() if old_logps is None else old_logps[rows, :width].to(device)
             ref = None if ref_logps is None else ref_logps[rows, :width].to(device)

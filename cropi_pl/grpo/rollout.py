@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -39,11 +40,16 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) ->
 
 
 def token_logps(
-    model: nn.Module, batch: PackedBatch, with_entropy: bool = False
+    model: nn.Module, batch: PackedBatch, entropy: Literal["none", "detached", "grad"] = "none"
 ) -> tuple[Tensor, Tensor | None]:
-    """Per-token log-probs of each next token (B, L-1), float32, and optionally entropies."""
+    """Per-token log-probs of each next token (B, L-1), float32, and optionally entropies.
+
+    ``entropy="detached"`` computes entropies for logging without adding them to the graph.
+    """
     device = next(model.parameters()).device
     ids = batch.input_ids.to(device)
     logits = model(input_ids=ids).logits[:, :-1]
     logp = selective_log_softmax(logits, ids[:, 1:])
-    return logp, token_entropy(logits) if with_entropy else None
+    if entropy == "none":
+        return logp, None
+    return logp, token_entropy(logits if entropy == "grad" else logits.detach())

@@ -1,0 +1,72 @@
+"""Seeded Gumbel-max sampling: exact distribution, block noise, batch-independent completions."""
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cropi_pl.generation import HFGenerateEngine, row_seed
+from cropi_pl.generation.hf import SeededGumbelSampler
+from cropi_pl.policy.build import resolve_model_path
+
+
+def test_block_drawn_noise_equals_step_by_step():
+    seeds = torch.randint(0, 2**62, (5,)).tolist()
+    block = SeededGumbelSampler(seeds, 0.7, 0.9, max_steps=30)
+    step = SeededGumbelSampler(seeds, 0.7, 0.9, max_steps=1)
+    for _ in range(30):
+        scores = torch.randn(5, 50)
+        assert torch.equal(block(None, scores), step(None, scores))
+
+
+def _softmax_top_p(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Brute force: keep the smallest prefix of sorted probabilities whose mass reaches top_p."""
+    probs = torch.softmax(logits.double() / temperature, -1)
+    order = probs.argsort(descending=True).tolist()
+    kept, mass = [], 0.0
+    for i in order:
+        if mass >= top_p:
+            break
+        kept.append(i)
+        mass += float(probs[i])
+    out = torch.zeros_like(probs)
+    out[kept] = probs[kept]
+    return out / out.sum()
+
+
+def test_gumbel_sampling_matches_softmax_with_temperature_and_top_p():
+    logits = torch.randn(6) * 2
+    for temperature, top_p in ((1.0, 1.0), (0.5, 1.0), (1.3, 0.8)):
+        n = 40000
+        sampler = SeededGumbelSampler(list(range(n)), temperature, top_p, max_steps=1)
+        draws = sampler(None, logits.expand(n, -1)).argmax(-1)
+        freq = torch.bincount(draws, minlength=6).double() / n
+        expected = _softmax_top_p(logits, temperature, top_p)
+        assert (freq[expected == 0] == 0).all()
+        torch.testing.assert_close(freq, expected, atol=0.012, rtol=0)  # ~5 sigma at n=40k
+
+
+def test_completions_do_not_depend_on_batch_composition():
+    path = resolve_model_path("embedded:tiny")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    prompts = [
+        tok(p, add_special_tokens=False)["input_ids"]
+        for p in ("Q: 12+7\nA: ", "Q: 345 mod 7\nA: ", "Q: 9*8\nA: ")
+    ]
+    seeds = [row_seed(0, "t", i, j) for i in range(3) for j in range(2)]
+    kwargs = dict(
+        max_new_tokens=16,
+        temperature=1.0,
+        top_p=1.0,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    together = HFGenerateEngine().generate(model, prompts, num_samples=2, seeds=seeds, **kwargs)
+    alone = [
+        c
+        for i in range(3)
+        for c in HFGenerateEngine().generate(
+            model, prompts[i : i + 1], num_samples=2, seeds=seeds[2 * i : 2 * i + 2], **kwargs
+        )
+    ]
+    assert [c.ids for c in together] == [c.ids for c in alone]
+    assert len({tuple(c.ids) for c in together}) > 1
