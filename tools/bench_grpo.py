@@ -10,7 +10,9 @@ average out machine noise. Steps are timed by the same boundaries in both:
 * ``step``: callback at step start to callback at step end (after the optimizer step);
 * ``rollout``: step start until the loss computation begins (generate, decode, reward, advantages);
 * ``generation``: time inside the model's ``generate`` (one wrapper, identical for both);
-* ``training``: ``step - rollout`` (forward, backward, clipping, optimizer, logging).
+* ``training``: ``step - rollout`` (forward, backward, clipping, optimizer, logging);
+* ``cpu``: process CPU time of the step, all threads (less sensitive than wall time to other
+  processes sharing the machine, more to idle-spinning worker threads).
 
 TRL is a benchmark-only extra (``pip install trl``), never a dependency of the package.
 
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -37,7 +41,7 @@ from typing import Any
 import torch
 
 RUNNERS = ("ours", "ours_plain_sampling", "trl")
-METRICS = ("step_s", "rollout_s", "generation_s", "training_s")
+METRICS = ("step_s", "rollout_s", "generation_s", "training_s", "cpu_s")
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ class StepRecord:
     rollout_s: float
     generation_s: float
     training_s: float
+    cpu_s: float
     completion_tokens: int
     prompts: list[str] = field(default_factory=list)
 
@@ -91,6 +96,7 @@ class StepRecorder:
 
     def begin(self) -> None:
         self._start = time.perf_counter()
+        self._cpu_start = time.process_time()
         self._rollout_end: float | None = None
         self._generation_s = 0.0
         self._tokens = 0
@@ -113,6 +119,7 @@ class StepRecorder:
                 rollout_s=self._rollout_end - self._start,
                 generation_s=self._generation_s,
                 training_s=now - self._rollout_end,
+                cpu_s=time.process_time() - self._cpu_start,
                 completion_tokens=self._tokens,
                 prompts=self._prompts,
             )
@@ -262,7 +269,7 @@ def run_trl(config: BenchConfig) -> list[StepRecord]:
             use_cpu=True,
             bf16=False,
             fp16=False,
-            gradient_checkpointing=False,
+            activation_checkpointing=False,
             per_device_train_batch_size=config.prompts_per_step * g,
             gradient_accumulation_steps=1,
             num_generations=g,
@@ -336,7 +343,7 @@ def machine_info(threads: int) -> dict[str, Any]:
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "python": platform.python_version(),
-        "cpu_count": __import__("os").cpu_count(),
+        "cpu_count": os.cpu_count(),
         "torch_threads": threads,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -364,14 +371,14 @@ def run_subprocess(name: str, config: BenchConfig) -> list[StepRecord]:
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
     header = (
-        f"{'framework':<22}{'step s':>9}{'gen s':>9}{'rollout s':>11}{'train s':>9}"
+        f"{'framework':<22}{'step s':>9}{'gen s':>9}{'rollout s':>11}{'train s':>9}{'cpu s':>8}"
         f"{'gen tok/s':>11}{'e2e tok/s':>11}{'tok/step':>10}"
     )
     lines = [header, "-" * len(header)]
     for name, s in rows.items():
         lines.append(
             f"{name:<22}{s['step_s']:>9.3f}{s['generation_s']:>9.3f}{s['rollout_s']:>11.3f}"
-            f"{s['training_s']:>9.3f}{s['generated_tokens_per_s']:>11.0f}"
+            f"{s['training_s']:>9.3f}{s['cpu_s']:>8.3f}{s['generated_tokens_per_s']:>11.0f}"
             f"{s['end_to_end_tokens_per_s']:>11.0f}{s['completion_tokens_per_step']:>10.0f}"
         )
     return "\n".join(lines)
@@ -384,6 +391,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, BenchConfig]
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--rounds", type=int, default=1, help="alternating repetitions per run")
     parser.add_argument("--out", type=Path, default=Path("results/bench_grpo.json"))
+    parser.add_argument("--note", default="", help="free text stored with the results")
     parser.add_argument("--runner", choices=RUNNERS, help=argparse.SUPPRESS)
     parser.add_argument("--record", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -402,8 +410,16 @@ def main(argv: list[str] | None = None) -> int:
         records = run_one(args.runner, config)
         args.record.write_text(json.dumps([asdict(r) for r in records]))
         return 0
+    if importlib.util.find_spec("trl") is None:
+        raise SystemExit("TRL is not installed: `pip install trl` (a benchmark-only extra)")
     from cropi_pl.policy.build import resolve_model_path
 
+    model_path = resolve_model_path(config.model)  # fail before any run if it is missing
+    if not (Path(model_path) / "config.json").is_file():
+        raise SystemExit(
+            f"--model {config.model}: no HF model folder (config.json) at {model_path}"
+        )
+    load_before = os.getloadavg()
     runs: dict[str, list[list[StepRecord]]] = {name: [] for name in RUNNERS}
     for round_index in range(args.rounds):
         order = RUNNERS if round_index % 2 == 0 else RUNNERS[::-1]
@@ -423,10 +439,12 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "speedup_vs_trl": trl["step_s"] / ours["step_s"],
         "speedup_vs_trl_plain_sampling": trl["step_s"] / plain["step_s"],
+        "speedup_vs_trl_cpu_time": trl["cpu_s"] / ours["cpu_s"],
         "config": asdict(config)
         | {
-            "model_path": resolve_model_path(config.model),
+            "model_path": model_path,
             "rounds": args.rounds,
+            "note": args.note,
             "loss": "GRPO per-sequence token mean (ours seq-mean-token-mean, TRL grpo)",
             "generation": "HF generate, fp32, CPU, no reference model (beta=0)",
             "prompts_sha1": hashlib.sha1(prompt_lists.pop().encode()).hexdigest(),
@@ -434,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         "ours": ours,
         "ours_plain_sampling": plain,
         "trl": trl,
-        "machine": machine_info(config.threads),
+        "machine": machine_info(config.threads)
+        | {"load_average_1m_before_after": [load_before[0], os.getloadavg()[0]]},
         "per_step": {
             name: [
                 [{k: v for k, v in asdict(r).items() if k != "prompts"} for r in run]
