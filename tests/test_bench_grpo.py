@@ -84,6 +84,7 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 def test_both_frameworks_run_the_same_prompts(tiny_model):
+    pytest.importorskip("trl", reason="TRL is the bench extra: pip install -e .[bench]")
     config = bench_grpo.BenchConfig(
         model=tiny_model,
         steps=2,

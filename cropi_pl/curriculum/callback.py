@@ -53,6 +53,8 @@ class CurriculumCallback(L.Callback):
         popi: off-policy gradient options (ratio clipping, reweighting, parameter subset).
         projection: sparse random projection (dimension, kept fraction, kind, seed).
         prompts_per_batch: prompts per vmapped backward in the influence pass.
+        projection_batch: gradients buffered per projection call (each call streams the random
+            matrix once; memory is this many full gradients).
         max_target_prompts: target prompts averaged into each target gradient (the paper: 100).
         log_drift: log KL(behaviour || current) and the importance ratios' effective sample size
             on the cached pool responses at every stage (one extra forward over the cache).
@@ -70,6 +72,7 @@ class CurriculumCallback(L.Callback):
         popi: POPIConfig | None = None,
         projection: ProjectionConfig | None = None,
         prompts_per_batch: int = 8,
+        projection_batch: int = 128,
         max_target_prompts: int = 100,
         log_drift: bool = True,
         selection_dir: str | None = None,
@@ -83,7 +86,13 @@ class CurriculumCallback(L.Callback):
         self.ratio = ratio
         self.stage_steps = stage_steps
         self.reselect = reselect
-        self.scorer = InfluenceScorer(popi, projection, prompts_per_batch, max_target_prompts)
+        self.scorer = InfluenceScorer(
+            popi,
+            projection,
+            prompts_per_batch,
+            max_target_prompts,
+            projection_batch=projection_batch,
+        )
         self.log_drift = log_drift
         self.selection_dir = selection_dir
         self.progress = progress

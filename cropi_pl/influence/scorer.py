@@ -34,7 +34,9 @@ class InfluenceScorer:
 
     The prompts are split round-robin over ranks; each rank projects its share and an all-reduce
     assembles the full matrix, so every rank makes the same selection as a single process would.
-    The projector is fixed by its seed, so scores of different stages are comparable.
+    The projector is fixed by its seed, so scores of different stages are comparable. Gradients
+    are buffered ``projection_batch`` prompts at a time (memory: that many full gradients) because
+    each projection call streams the whole random matrix once.
     """
 
     def __init__(
@@ -44,12 +46,14 @@ class InfluenceScorer:
         prompts_per_batch: int = 8,
         max_target_prompts: int = 100,
         seed: int = 0,
+        projection_batch: int = 128,
     ) -> None:
         self.popi = popi or POPIConfig()
         self.projection = projection or ProjectionConfig()
         self.prompts_per_batch = prompts_per_batch
         self.max_target_prompts = max_target_prompts
         self.seed = seed
+        self.projection_batch = projection_batch
         self._projector: SparseProjector | None = None
 
     def project(
@@ -69,10 +73,22 @@ class InfluenceScorer:
         device = next(model.parameters()).device
         vectors = torch.zeros(len(trajs), self.projection.dim, device=device)
         bar = tqdm(total=len(mine), desc=desc, disable=not progress or rank != 0, leave=False)
-        for batch, flat in grads.compute([trajs[i] for i in mine]):
-            rows = torch.tensor([mine[i] for i in batch], device=device)
+        pending: list[tuple[list[int], Tensor]] = []
+
+        def flush() -> None:
+            # The projector regenerates its random matrix per call: project many rows at once.
+            rows = torch.tensor([mine[i] for batch, _ in pending for i in batch], device=device)
+            flat = torch.cat([g for _, g in pending])
             vectors[rows] = self._projector.project(flat).to(device)
+            pending.clear()
+
+        for batch, flat in grads.compute([trajs[i] for i in mine]):
+            pending.append((batch, flat))
+            if sum(len(b) for b, _ in pending) >= self.projection_batch:
+                flush()
             bar.update(len(batch))
+        if pending:
+            flush()
         bar.close()
         if world > 1:
             dist.all_reduce(vectors)  # each row is non-zero on exactly one rank
