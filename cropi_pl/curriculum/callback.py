@@ -55,6 +55,7 @@ class CurriculumCallback(L.Callback):
         prompts_per_batch: prompts per vmapped backward in the influence pass.
         projection_batch: gradients buffered per projection call (each call streams the random
             matrix once; memory is this many full gradients).
+        use_vmap: batch prompts with ``torch.func.vmap``; default: on CUDA only (slower on CPU).
         max_target_prompts: target prompts averaged into each target gradient (the paper: 100).
         log_drift: log KL(behaviour || current) and the importance ratios' effective sample size
             on the cached pool responses at every stage (one extra forward over the cache).
@@ -73,6 +74,7 @@ class CurriculumCallback(L.Callback):
         projection: ProjectionConfig | None = None,
         prompts_per_batch: int = 8,
         projection_batch: int = 128,
+        use_vmap: bool | None = None,
         max_target_prompts: int = 100,
         log_drift: bool = True,
         selection_dir: str | None = None,

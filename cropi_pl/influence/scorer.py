@@ -36,7 +36,8 @@ class InfluenceScorer:
     assembles the full matrix, so every rank makes the same selection as a single process would.
     The projector is fixed by its seed, so scores of different stages are comparable. Gradients
     are buffered ``projection_batch`` prompts at a time (memory: that many full gradients) because
-    each projection call streams the whole random matrix once.
+    each projection call streams the whole random matrix once. ``use_vmap=None`` batches prompts
+    with ``torch.func.vmap`` on CUDA and loops one backward per prompt on CPU, where it is faster.
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class InfluenceScorer:
         max_target_prompts: int = 100,
         seed: int = 0,
         projection_batch: int = 128,
+        use_vmap: bool | None = None,
     ) -> None:
         self.popi = popi or POPIConfig()
         self.projection = projection or ProjectionConfig()
@@ -54,6 +56,7 @@ class InfluenceScorer:
         self.max_target_prompts = max_target_prompts
         self.seed = seed
         self.projection_batch = projection_batch
+        self.use_vmap = use_vmap
         self._projector: SparseProjector | None = None
 
     def project(
@@ -65,12 +68,14 @@ class InfluenceScorer:
     ) -> tuple[Tensor, Tensor]:
         """``(vectors (n, k), nonzero (n,))`` for all prompts, computed in rank shares."""
         rank, world = _rank_world()
-        grads = POPIGradients(model, self.popi, self.prompts_per_batch)
+        device = next(model.parameters()).device
+        # Measured (tools/bench_influence.py): on CPU a per-prompt backward loop beats vmap.
+        vmap = self.use_vmap if self.use_vmap is not None else device.type == "cuda"
+        grads = POPIGradients(model, self.popi, self.prompts_per_batch, use_vmap=vmap)
         if self._projector is None or self._projector.num_params != grads.num_params:
             self._projector = SparseProjector(grads.num_params, self.projection)
         nonzero = torch.tensor([not z for z in zero_mask(trajs)])
         mine = [i for i in range(len(trajs)) if nonzero[i] and i % world == rank]
-        device = next(model.parameters()).device
         vectors = torch.zeros(len(trajs), self.projection.dim, device=device)
         bar = tqdm(total=len(mine), desc=desc, disable=not progress or rank != 0, leave=False)
         pending: list[tuple[list[int], Tensor]] = []

@@ -53,6 +53,13 @@ class PolicySpec:
     max_positions: int = 160
     tie_embeddings: bool = True
 
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"PolicySpec: hidden_size ({self.hidden_size}) must be divisible by num_heads "
+                f"({self.num_heads}), and num_heads by num_kv_heads ({self.num_kv_heads})"
+            )
+
     def config(self, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
         return LlamaConfig(
             vocab_size=len(tokenizer),
@@ -150,14 +157,15 @@ def pass_rates(
     """
     if temperature is None and num_samples != 1:
         raise ValueError(f"greedy decoding gives one answer per prompt, got {num_samples=}")
-    tokenizer.padding_side = "left"
-    sampling = {"do_sample": False} if temperature is None else {
-        "do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0
-    }
+    sampling = (
+        {"do_sample": False}
+        if temperature is None
+        else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    )
     rates = []
     for start in range(0, len(tasks), prompts_per_batch):
         rows = tasks[start : start + prompts_per_batch]
-        batch = tokenizer(rows["prompt"], return_tensors="pt", padding=True)
+        batch = tokenizer(rows["prompt"], return_tensors="pt", padding=True, padding_side="left")
         output = model.generate(
             **batch,
             max_new_tokens=max_new_tokens,
@@ -225,9 +233,9 @@ def build_policy(
     out_dir: str | Path,
     spec: PolicySpec = PolicySpec(),
     seed: int = 0,
-    sft_steps: int = 600,
+    sft_steps: int = 1000,
     batch_size: int = 64,
-    lr: float = 2e-3,
+    lr: float = 3e-3,
     train_per_cell: int = 1000,
     eval_per_cell: int = 10,
     num_samples: int = 8,
@@ -236,7 +244,10 @@ def build_policy(
     """Initialise a Llama from ``spec`` and ``seed``, SFT it, measure it and save it to ``out_dir``.
 
     Deterministic on CPU for a given seed (fixed thread count, seeded init and data order).
+    ``eval_per_cell=0`` skips the validation measurement (``stats`` is then null).
     """
+    if sft_steps < 1 or batch_size < 1:
+        raise ValueError(f"sft_steps and batch_size must be >= 1, got {sft_steps=}, {batch_size=}")
     start = time.perf_counter()
     torch.set_num_threads(2)
     tokenizer = build_tokenizer()
@@ -244,11 +255,17 @@ def build_policy(
     model = LlamaForCausalLM(spec.config(tokenizer))
     train = generate_tasks(split="train", num_per_cell=train_per_cell, seed=seed)
     losses = supervised_finetune(
-        model, _encode_sft(tokenizer, train), tokenizer.pad_token_id,
-        sft_steps, batch_size, lr, seed, progress,
+        model,
+        _encode_sft(tokenizer, train),
+        tokenizer.pad_token_id,
+        sft_steps,
+        batch_size,
+        lr,
+        seed,
+        progress,
     )
     sft_seconds = time.perf_counter() - start
-    stats = measure(model, tokenizer, eval_per_cell, num_samples, seed)
+    stats = measure(model, tokenizer, eval_per_cell, num_samples, seed) if eval_per_cell else None
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -256,7 +273,7 @@ def build_policy(
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.to(torch.float32).save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out)  # float32 safetensors
     tokenizer.save_pretrained(out)
     metadata = {
         "spec": asdict(spec),
@@ -266,8 +283,8 @@ def build_policy(
         "lr": lr,
         "train_examples": len(train),
         "num_parameters": model.num_parameters(),
-        "final_sft_loss": sum(losses[-20:]) / len(losses[-20:]) if losses else None,
-        "sft_seconds": sft_seconds,
+        "final_sft_loss": sum(losses[-20:]) / len(losses[-20:]),
+        "sft_seconds": sft_seconds,  # task generation included
         "wall_seconds": time.perf_counter() - start,
         "stats": stats,
     }
