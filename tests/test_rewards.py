@@ -175,31 +175,34 @@ def test_math_verify_pathological_is_bounded_in_main_thread() -> None:
         0.0
     ] * len(PATHOLOGICAL)
     assert time.perf_counter() - start < 3.0
-    # No cap: the deadline has to stop sympy, once per check.
+    # No cap: the deadline has to stop sympy, once per check. A signal cannot interrupt C-level
+    # big-integer arithmetic (the power tower can enter it), so that case is left to the
+    # worker-process test below, where a stuck check is killed.
+    interruptible = [p for p in PATHOLOGICAL if "9^{" not in p]
     reward = MathVerifyReward(timeout_s=0.3, max_answer_chars=10**7)
     start = time.perf_counter()
-    got = score(reward, [*PATHOLOGICAL, "\\boxed{1}"], [*["7"] * len(PATHOLOGICAL), "1"])
+    got = score(reward, [*interruptible, "\\boxed{1}"], [*["7"] * len(interruptible), "1"])
     elapsed = time.perf_counter() - start
-    assert got == [0.0] * len(PATHOLOGICAL) + [1.0]
-    assert elapsed < 0.3 * len(PATHOLOGICAL) + 3.0
-    assert reward.timeouts >= 2  # 10!!!!!! and the power tower cannot finish in 0.3 s
+    assert got == [0.0] * len(interruptible) + [1.0]
+    assert elapsed < 0.3 * len(interruptible) + 3.0
+    assert reward.timeouts >= 1  # 10!!!!!! cannot finish in 0.3 s
 
 
 def test_math_verify_off_main_thread_uses_bounded_workers() -> None:
     reward = MathVerifyReward(timeout_s=0.3, max_answer_chars=10**7)
-    completions = ["\\boxed{10!!!!!!}", "\\boxed{\\frac{3}{4}}", "#### 7"]
+    completions = ["\\boxed{10!!!!!!}", "\\boxed{\\frac{3}{4}}", "#### 7", "\\boxed{9^{9^{9^{9}}}}"]
     result: dict[str, list[float]] = {}
 
     def run() -> None:
-        result["rewards"] = score(reward, completions, ["1", "0.75", "8"])
+        result["rewards"] = score(reward, completions, ["1", "0.75", "8", "7"])
 
     try:
         worker = threading.Thread(target=run)
         worker.start()
         worker.join(timeout=150)
         assert not worker.is_alive()
-        assert result["rewards"] == [0.0, 1.0, 0.0]
-        assert reward.timeouts == 1
+        assert result["rewards"] == [0.0, 1.0, 0.0, 0.0]
+        assert reward.timeouts >= 1
         # The reward survives a copy (Lightning deep-copies modules holding it) without its pool.
         clone = copy.deepcopy(reward)
         assert clone._pool is None and score(clone, ["\\boxed{0.5}"], ["1/2"]) == [1.0]

@@ -73,6 +73,10 @@ class MathVerifyReward(RewardFunction):
     The prediction is the last ``####`` line, else the last ``\\boxed{}``, else the last number.
     ``timeouts`` counts checks cut off by the deadline since construction (they score 0).
     Call :meth:`close` to stop worker processes started for calls from non-main threads.
+
+    In the main thread the deadline is a signal, which cannot interrupt C-level work (for
+    example big-integer powers inside sympy); off the main thread checks run in worker processes
+    that are killed after ``timeout_s + worker_grace_s``, a hard bound.
     """
 
     name = "math_verify"
