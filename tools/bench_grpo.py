@@ -26,7 +26,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from benchlib import machine_info
 
 RUNNERS = ("ours", "ours_plain_sampling", "trl")
 METRICS = ("step_s", "rollout_s", "generation_s", "training_s", "cpu_s")
@@ -334,24 +334,6 @@ def run_one(name: str, config: BenchConfig) -> list[StepRecord]:
     return run_ours(config, reproducible=name == "ours")
 
 
-def machine_info(threads: int) -> dict[str, Any]:
-    import lightning
-    import transformers
-    import trl
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": threads,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "lightning": lightning.__version__,
-        "trl": trl.__version__,
-    }
-
-
 def _config_args(config: BenchConfig) -> list[str]:
     return [
         arg
@@ -452,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         "ours": ours,
         "ours_plain_sampling": plain,
         "trl": trl,
-        "machine": machine_info(config.threads)
+        "machine": machine_info(config.threads, "transformers", "lightning", "trl")
         | {"load_average_1m_before_after": [load_before[0], os.getloadavg()[0]]},
         "per_step": {
             name: [

@@ -55,7 +55,6 @@ import ctypes
 import json
 import math
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -67,6 +66,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from benchlib import machine_info
 from torch import Tensor, nn
 
 from cropi_pl.influence.popi import (
@@ -572,21 +572,6 @@ def format_table(rows: list[Row], reference_seconds: float) -> str:
     return "\n".join(lines)
 
 
-def machine_info(threads: int) -> dict[str, Any]:
-    import transformers
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": threads,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "load_average_at_start": os.getloadavg(),
-    }
-
-
 @contextmanager
 def phase(phases: dict[str, float], name: str) -> Iterator[None]:
     """Announce a phase and record its wall time (the whole-run budget is 10 minutes)."""
@@ -604,7 +589,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
 
     torch.set_num_threads(config.threads)
     wall = time.perf_counter()
-    machine = machine_info(config.threads)
+    machine = machine_info(config.threads, "transformers")
     path = resolve_model_path(config.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
