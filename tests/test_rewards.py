@@ -6,9 +6,12 @@ import copy
 import logging
 import math
 import random
+import subprocess
+import sys
 import threading
 import time
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 
@@ -168,7 +171,7 @@ def test_math_verify_equivalent_wrong_and_missing() -> None:
     assert reward.timeouts == 0
 
 
-def test_math_verify_pathological_is_bounded_in_main_thread() -> None:
+def _pathological_main_thread_check() -> None:
     # Default cap: over-long answers are rejected without parsing.
     start = time.perf_counter()
     assert score(MathVerifyReward(timeout_s=0.3), PATHOLOGICAL, ["7"] * len(PATHOLOGICAL)) == [
@@ -184,8 +187,19 @@ def test_math_verify_pathological_is_bounded_in_main_thread() -> None:
     got = score(reward, [*interruptible, "\\boxed{1}"], [*["7"] * len(interruptible), "1"])
     elapsed = time.perf_counter() - start
     assert got == [0.0] * len(interruptible) + [1.0]
-    assert elapsed < 0.3 * len(interruptible) + 3.0
+    assert elapsed < 0.3 * len(interruptible) + 3.0, elapsed
     assert reward.timeouts >= 1  # 10!!!!!! cannot finish in 0.3 s
+
+
+def test_math_verify_pathological_is_bounded_in_main_thread() -> None:
+    # Signal deadlines are process-global state: check them in a fresh interpreter, as a
+    # training process is, not after other tests have run in this one.
+    code = "from tests.test_rewards import _pathological_main_thread_check as c; c()"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_math_verify_off_main_thread_uses_bounded_workers() -> None:
