@@ -1,4 +1,4 @@
-"""Embedded policy: tokenizer round-trip, shipped checkpoint, deterministic build, path resolution."""
+"""Embedded policy: tokenizer round-trip, shipped checkpoint, seeded build, path resolution."""
 
 from __future__ import annotations
 
@@ -6,17 +6,22 @@ import random
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from cropi_pl.policy.build import (
     PolicySpec,
+    _collate,
+    _encode_sft,
     build_policy,
     embedded_policy_path,
     extract_answer,
     pass_rate_histogram,
+    pass_rates,
+    per_cell_mean,
     resolve_model_path,
 )
 from cropi_pl.policy.tokenizer import CHARACTERS, build_tokenizer
+from cropi_pl.tasks.arithmetic import generate_tasks
 
 TINY = PolicySpec(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=32)
 
@@ -67,6 +72,57 @@ def test_shipped_policy_loads_offline_and_answers_easy_prompts():
     assert extract_answer(completions[0]) == "5", completions
 
 
+def test_shipped_policy_batched_left_padded_greedy_matches_one_prompt_at_a_time():
+    path = resolve_model_path("embedded:tiny")
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    # Short and long prompts (unequal left padding); ones the policy solves and ones it cannot.
+    tasks = generate_tasks(["add", "word", "mul"], [1, 4], num_per_cell=1, split="test")
+    batched = pass_rates(model, tokenizer, tasks, max_new_tokens=40)
+    expected = []
+    for prompt, answer in zip(tasks["prompt"], tasks["answer"], strict=True):
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        out = model.generate(ids, max_new_tokens=40, do_sample=False)
+        expected.append(float(extract_answer(tokenizer.decode(out[0, ids.shape[1] :])) == answer))
+    assert batched == expected
+    assert 0 < sum(expected) < len(expected), expected
+
+
+def test_sft_loss_is_cross_entropy_on_completion_and_eos_only():
+    tokenizer = build_tokenizer()
+    tasks = generate_tasks(["add", "word"], [1, 3], num_per_cell=2, seed=int(torch.randint(99, ())))
+    examples = _encode_sft(tokenizer, tasks)
+    batch = _collate(examples, tokenizer.pad_token_id)
+    model = LlamaForCausalLM(TINY.config(tokenizer)).eval()
+    with torch.no_grad():
+        loss = model(**batch).loss
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    total, count = 0.0, 0
+    for row, (ids, prompt_len) in enumerate(examples):
+        assert tokenizer.decode(ids[prompt_len:-1]) == tasks[row]["solution"]
+        assert ids[-1] == tokenizer.eos_token_id
+        for t in range(prompt_len, len(ids)):  # predict token t from position t - 1
+            total -= torch.log_softmax(logits[row, t - 1].double(), -1)[ids[t]].item()
+            count += 1
+    torch.testing.assert_close(
+        loss.double(), torch.tensor(total / count).double(), atol=1e-5, rtol=0
+    )
+
+
+def test_per_cell_mean_matches_explicit_loops():
+    tasks = generate_tasks(["add", "mod"], [1, 2, 4], num_per_cell=3, split="validation")
+    values = torch.rand(len(tasks)).tolist()
+    means = per_cell_mean(tasks, values)
+    for family in ("add", "mod"):
+        for difficulty in (1, 2, 4):
+            picked = [
+                v
+                for v, row in zip(values, tasks, strict=True)
+                if row["family"] == family and row["difficulty"] == difficulty
+            ]
+            assert means[family][str(difficulty)] == pytest.approx(sum(picked) / len(picked))
+
+
 def test_build_policy_is_deterministic_in_the_seed(tmp_path):
     def weights(seed: int, name: str) -> dict[str, torch.Tensor]:
         out = build_policy(
@@ -76,8 +132,7 @@ def test_build_policy_is_deterministic_in_the_seed(tmp_path):
             sft_steps=3,
             batch_size=4,
             train_per_cell=2,
-            eval_per_cell=1,
-            num_samples=2,
+            eval_per_cell=0,
             progress=False,
         )
         return AutoModelForCausalLM.from_pretrained(out, local_files_only=True).state_dict()
@@ -102,3 +157,12 @@ def test_resolve_model_path():
     assert resolve_model_path("embedded:tiny") == str(embedded_policy_path())
     with pytest.raises(FileNotFoundError, match="embedded:nope.*tools/build_policy.py"):
         resolve_model_path("embedded:nope")
+
+
+def test_bad_spec_and_budget_raise_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="hidden_size"):
+        PolicySpec(hidden_size=100, num_heads=3)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        PolicySpec(num_heads=4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="sft_steps"):
+        build_policy(tmp_path, TINY, sft_steps=0, progress=False)

@@ -1,6 +1,6 @@
 """Build the embedded starting policy and print how well it does per task cell.
 
-    python tools/build_policy.py --out cropi_pl/assets/tiny-policy --seed 0
+``python tools/build_policy.py --out cropi_pl/assets/tiny-policy --seed 0``
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ def main() -> None:
     out = build_policy(args.out, PolicySpec(), args.seed, progress=not args.no_progress, **steps)
     meta = json.loads((out / METADATA_FILE).read_text())
     stats = meta["stats"]
-    print(f"saved {out}: {meta['num_parameters']:,} parameters, {meta['sft_steps']} SFT steps, "
-          f"{meta['wall_seconds']:.0f} s")
+    print(
+        f"saved {out}: {meta['num_parameters']:,} parameters, {meta['sft_steps']} SFT steps, "
+        f"{meta['wall_seconds']:.0f} s"
+    )
     n = stats["sampled_num_samples"]
     print(f"\ngreedy accuracy | sampled pass rate (T=1, {n} samples), validation split")
     greedy, sampled = stats["greedy_accuracy_per_cell"], stats["sampled_pass_rate_per_cell"]
@@ -35,8 +37,10 @@ def main() -> None:
         right = " ".join(f"{sampled[family].get(d, float('nan')):5.2f}" for d in levels)
         print(f"{family:8s} {left}  | {right}")
     print(f"{'all':8s} {stats['greedy_accuracy']:5.2f}  | {stats['sampled_pass_rate']:5.2f}")
-    print(f"\npass-rate histogram over {stats['validation_prompts']} prompts: "
-          f"{stats['pass_rate_histogram']}; strictly between 0 and 1: {stats['fraction_mixed']:.0%}")
+    print(f"\npass-rate histogram over {stats['validation_prompts']} prompts (T=1):")
+    print(
+        f"{stats['pass_rate_histogram']}; strictly between 0 and 1: {stats['fraction_mixed']:.0%}"
+    )
 
 
 if __name__ == "__main__":
