@@ -171,7 +171,7 @@ def test_gradient_passes_rows_match_per_prompt_gradients():
     assert passes.projection_groups(100) == [
         [j for b in pool_batches for j in b], [j for b in target_batches for j in b]
     ]  # fmt: skip
-    loop = POPIGradients(model, POPIConfig(), prompts_per_batch=1, use_vmap=False)
+    loop = POPIGradients(model, POPIConfig(), prompts_per_batch=1, method="loop")
     prompts = [work.pool[i] for i in eligible[0]] + [work.targets[i] for i in eligible[1]]
     for j, traj in enumerate(prompts):
         [(_, expected)] = loop.compute([traj])
@@ -190,7 +190,8 @@ def test_tiny_end_to_end_run(tmp_path):
     argv = [
         "--model", str(path), "--pool-size", "28", "--target-size", "8", "--pool-samples", "4",
         "--target-samples", "4", "--max-new-tokens", "3", "--dims", "8,32", "--fractions", "1,0.5",
-        "--default-dim", "32", "--factorised", "2x2", "--prompts-per-batch", "4",
+        "--default-dim", "32", "--default-fraction", "0.5", "--factorised", "2x2",
+        "--prompts-per-batch", "4", "--method-batches", "2,5",
         "--projection-batch", "6",
         "--threads", "1", "--fake-rewards", "--out", str(out),
     ]  # fmt: skip
@@ -203,12 +204,18 @@ def test_tiny_end_to_end_run(tmp_path):
         "k=8 kept=1", "k=8 kept=0.5", "k=32 kept=1", "k=32 kept=0.5",
         "2x2 x 8 linears", "k=32 kept=0.1",
     ]  # fmt: skip
-    default = result["rows"][2]
+    default = result["rows"][3]
     assert result["precision_at_10pct"] == default["precision_at_10pct"]
     assert result["speedup_vs_reference"] == pytest.approx(
         result["reference_seconds_per_prompt"] / default["seconds_per_prompt"]
     )
     assert result["scorer_check"]["relative_difference"] <= 1e-4
+    methods = result["gradient_methods"]
+    assert list(methods) == ["loop", "hooks x2", "hooks x5", "vmap x2", "vmap x5"]
+    assert result["gradient_method"] == "loop"  # the CPU default: the product path is the loop
+    assert methods["loop"]["max_relative_difference"] == 0
+    for timing in methods.values():
+        assert timing["max_relative_difference"] < 1e-5 and timing["seconds_per_prompt"] > 0
     precise = [r for r in result["rows"][:-1] if r["precision_at_10pct"] >= 0.9]
     fastest = result["fastest_meeting_precision_target"]
     if precise:

@@ -80,3 +80,8 @@ def test_static_selection_keeps_stage_zero(tmp_path):
     assert [p.name for p in selections.glob("stage-*[0-9].json")] == ["stage-000.json"]
     stage0 = set(_selection(selections / "stage-000.json"))
     assert all(set(ids) <= stage0 for ids in module.seen.values())
+
+
+def test_gradient_method_reaches_the_scorer():
+    assert CurriculumCallback(method="hooks").scorer.method == "hooks"
+    assert CurriculumCallback().scorer.method is None  # POPIGradients picks by device

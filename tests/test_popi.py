@@ -115,16 +115,17 @@ def flat_grad(model: torch.nn.Module, loss: torch.Tensor, names: list[str]) -> t
     return torch.cat([g.reshape(-1) for g in grads])
 
 
-def test_vmap_batches_match_per_prompt_loop_and_skip_equal_rewards() -> None:
+@pytest.mark.parametrize("method", ["vmap", "hooks"])
+def test_batched_methods_match_per_prompt_loop_and_skip_equal_rewards(method: str) -> None:
     model = tiny_llama(0)
     trajs = random_trajs(perturbed(model, 0.05, 1), n=8, seed=2)
-    batched = POPIGradients(model, POPIConfig(), prompts_per_batch=3)
-    looped = POPIGradients(model, POPIConfig(), prompts_per_batch=3, use_vmap=False)
+    batched = POPIGradients(model, POPIConfig(), prompts_per_batch=3, method=method)
+    looped = POPIGradients(model, POPIConfig(), prompts_per_batch=3, method="loop")
     zero = batched.zero_mask(trajs)
     assert sum(zero) == 3 and zero == [j % 3 == 0 for j in range(8)]
 
     got, ref = collect(batched, trajs), collect(looped, trajs)
-    assert batched.use_vmap, "vmap path fell back to the loop"
+    assert batched.method == method, "vmap path fell back to the loop"
     assert sorted(got) == [i for i in range(8) if not zero[i]] == sorted(ref)
     for i in got:
         assert ref[i].norm() > 0
@@ -244,17 +245,65 @@ def test_param_filter_restricts_layout() -> None:
         POPIGradients(model, POPIConfig(param_filter="no_such_layer"))
 
 
-def test_tied_embeddings_and_train_mode_model() -> None:
+@pytest.mark.parametrize("method", ["vmap", "hooks"])
+def test_tied_embeddings_and_train_mode_model(method: str) -> None:
     model = tiny_llama(11, tie_word_embeddings=True, attention_dropout=0.5).train()
     trajs = random_trajs(perturbed(model, 0.05, 12).eval(), n=4, seed=13, equal_every=10)
-    batched = POPIGradients(model, POPIConfig(), prompts_per_batch=4)
+    batched = POPIGradients(model, POPIConfig(), prompts_per_batch=4, method=method)
     got = collect(batched, trajs)
     assert model.training and model.model.layers[0].training, "train mode not restored"
-    assert batched.use_vmap
-    ref = collect(POPIGradients(model, POPIConfig(), use_vmap=False), trajs)
+    assert batched.method == method
+    ref = collect(POPIGradients(model, POPIConfig(), method="loop"), trajs)
     assert "lm_head.weight" not in batched.param_names  # tied: counted once, under the embedding
     for i in got:
         assert rel_err(got[i], ref[i]) < TOL, i
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        POPIConfig(),
+        POPIConfig(ratio_mode="clip", reweight_group_stats=True),
+        POPIConfig(param_filter=r"norm|embed|q_proj\.bias"),
+    ],
+)
+def test_hooks_equal_loop_with_biases_tied_padding_row_and_uneven_lengths(
+    config: POPIConfig,
+) -> None:
+    """Every parameter kind the hook rules cover: Linear weights and biases, RMSNorm weights and a
+    tied embedding / lm_head whose padding row gets no lookup gradient. Prompts and completions
+    contain the pad id 0, lengths and K vary, and every third prompt has zero advantages."""
+    model = tiny_llama(20, tie_word_embeddings=True, pad_token_id=0, attention_bias=True)
+    model.model.layers[0].mlp.down_proj.bias = torch.nn.Parameter(torch.randn(32))
+    assert model.model.embed_tokens.padding_idx == 0
+    trajs = random_trajs(perturbed(model, 0.1, 21), n=10, seed=22)
+    trajs[1].prompt_ids[0] = trajs[2].completion_ids[0][0] = 0
+    hooks = POPIGradients(model, config, prompts_per_batch=4, method="hooks")
+    loop = POPIGradients(model, config, method="loop")
+    assert hooks.param_names == loop.param_names
+    assert "model.layers.0.mlp.down_proj.bias" in hooks.param_names or config.param_filter
+    got, ref = collect(hooks, trajs), collect(loop, trajs)
+    assert sorted(got) == sorted(ref) == [i for i in range(10) if i % 3]
+    sizes = {name: p.numel() for name, p in model.named_parameters()}
+    for i in got:
+        assert rel_err(got[i], ref[i]) < TOL, i
+        # per parameter too, so a wrong small one cannot hide in the norm; the looser bound is
+        # float32 noise on near-zero last-layer q/k gradients (about 2e-5 measured)
+        for name in hooks.param_names:
+            start = hooks.offsets[name]
+            piece = slice(start, start + sizes[name])
+            assert rel_err(got[i][piece], ref[i][piece]) < 1e-4, (i, name)
+
+
+def test_hooks_refuse_modules_without_a_rule() -> None:
+    model = tiny_llama(23)
+    model.model.norm = torch.nn.LayerNorm(32)  # no hook rule for LayerNorm
+    with pytest.raises(ValueError, match=r"model\.norm \(LayerNorm\)"):
+        POPIGradients(model, POPIConfig(), method="hooks")
+    assert POPIGradients(model, POPIConfig(param_filter="layers"), method="hooks").method == "hooks"
+    assert POPIGradients(model, POPIConfig()).method == "loop"  # the measured CPU default
+    with pytest.raises(ValueError, match="method must be one of"):
+        POPIGradients(model, POPIConfig(), method="jacrev")  # type: ignore[arg-type]
 
 
 def test_behaviour_logps_match_unbatched_forward() -> None:
@@ -303,7 +352,7 @@ def test_factorised_projection_equals_kronecker_projection_of_exact_gradient() -
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     assert fact.layer_names == linears and "lm_head" in linears
     assert fact.dim == len(linears) * 35
-    exact = POPIGradients(model, config, use_vmap=False)
+    exact = POPIGradients(model, config, method="loop")
     ref = collect(exact, trajs)
     got: dict[int, torch.Tensor] = {}
     for indices, projected in fact.project(trajs):

@@ -58,7 +58,7 @@ def test_scores_equal_brute_force_projection_and_cosine():
     scorer = InfluenceScorer(projection=projection, prompts_per_batch=3, projection_batch=5)
     result = scorer.score(model, pool, targets, progress=False)
 
-    grads = POPIGradients(model, scorer.popi, prompts_per_batch=1, use_vmap=False)
+    grads = POPIGradients(model, scorer.popi, prompts_per_batch=1, method="loop")
     matrix = SparseProjector(grads.num_params, projection).explicit_matrix().double()
 
     def projected(trajs):

@@ -8,13 +8,16 @@ zero POPI gradient and are excluded from every ranking. Then, on the same prompt
 * exact: the cosine of each pool prompt's full, unprojected POPI gradient with the mean full
   gradient of the target prompts (float32 gradients, float64 reductions, the product's
   ``target_mean``/``cosine_scores``);
-* ours: the product path, ``POPIGradients`` (vmapped batches of ``--prompts-per-batch``) then
-  ``SparseProjector`` (``--projection-batch`` gradients per call), over a sweep of JL dims k and
-  kept fractions; and ``FactorisedProjection`` (LoGra-style, the gradient is never formed) for a
-  few (k_in, k_out);
+* ours: the product path, ``POPIGradients`` (its default method on this device, batches of
+  ``--prompts-per-batch``) then ``SparseProjector`` (``--projection-batch`` gradients per call),
+  over a sweep of JL dims k and kept fractions; and ``FactorisedProjection`` (LoGra-style, the
+  gradient is never formed) for a few (k_in, k_out);
 * reference: what the authors' code does: one ``torch.autograd.grad`` per prompt through the same
   POPI loss, the full flat gradient, a uniformly random coordinate subset, a dense Gaussian matrix
   generated once and stored in fp16, and an fp16 projection to the same k as ours.
+* gradient methods: the per-prompt gradient time of each ``POPIGradients`` method ("loop", and
+  "hooks" and "vmap" at each of ``--method-batches`` prompts per backward) over the same prompts,
+  with each one's largest relative difference from the product path's gradients.
 
 Scores are compared by precision@10% (overlap of the projected top 10% with the exact top 10%, the
 paper's metric) and Spearman correlation over the eligible pool prompts.
@@ -99,10 +102,11 @@ class BenchConfig:
     dims: tuple[int, ...] = (512, 2048, 8192)
     fractions: tuple[float, ...] = (1.0, 0.1, 0.01)
     default_dim: int = 2048  # configs/cropi_tiny.yaml
-    default_fraction: float = 1.0
+    default_fraction: float = 0.1  # configs/cropi_tiny.yaml
     factorised: tuple[str, ...] = ("8x8", "16x16", "32x32")
     reference_fraction: float = 0.1
     prompts_per_batch: int = 8  # CurriculumCallback's defaults
+    method_batches: tuple[int, ...] = (8, 16, 32)
     projection_batch: int = 128
     max_target_prompts: int = 100
     threads: int = 2
@@ -351,8 +355,8 @@ def gradient_passes(
     each runs first, untimed, to exclude one-time costs."""
     pool_rows, target_rows = _eligible(work.pool, "pool"), _eligible(work.targets, "target")
     prompts = [work.pool[i] for i in pool_rows] + [work.targets[i] for i in target_rows]
-    ours = POPIGradients(model, POPIConfig(), config.prompts_per_batch)
-    loop = POPIGradients(model, POPIConfig(), prompts_per_batch=1, use_vmap=False)
+    ours = POPIGradients(model, POPIConfig(), config.prompts_per_batch)  # the product default
+    loop = POPIGradients(model, POPIConfig(), prompts_per_batch=1, method="loop")
     grads = torch.zeros(len(prompts), ours.num_params)  # pages touched now, not while timed
     reference = torch.zeros(len(prompts), projector.matrix.shape[1], dtype=torch.float16)
     step = config.prompts_per_batch
@@ -403,6 +407,34 @@ def reference_checks(projector: ReferenceProjector, grads: Tensor) -> dict[str, 
             (literal.double() - emulated).norm() / emulated.norm()
         ).item(),
     }
+
+
+def gradient_methods(
+    model: nn.Module, work: Workload, passes: Passes, config: BenchConfig
+) -> dict[str, dict[str, float]]:
+    """Seconds per prompt of each ``POPIGradients`` method over the eligible prompts (one warm-up
+    batch untimed), and its largest relative difference from the product path's gradients."""
+    pool, targets = passes.pool_rows, passes.target_rows
+    prompts = [work.pool[i] for i in pool] + [work.targets[i] for i in targets]
+    runs = [("loop", config.prompts_per_batch)] + [
+        (method, b) for method in ("hooks", "vmap") for b in config.method_batches
+    ]
+    out = {}
+    for method, batch in runs:
+        grads = POPIGradients(model, POPIConfig(), batch, method)
+        list(grads.compute(prompts[:batch]))
+        worst = 0.0
+        with measured() as section:
+            for rows, flat in grads.compute(prompts):
+                expected = passes.grads[rows]
+                diff = (flat - expected).norm(dim=1) / expected.norm(dim=1)
+                worst = max(worst, diff.max().item())
+        out[method if method == "loop" else f"{method} x{batch}"] = {
+            "seconds_per_prompt": section.seconds / len(prompts),
+            "max_relative_difference": worst,
+            "peak_bytes": section.peak_bytes,
+        }
+    return out
 
 
 # ---------------------------------------------------------------------------------- rows
@@ -607,6 +639,10 @@ def run(config: BenchConfig) -> dict[str, Any]:
     with phase(phases, "full POPI gradients (ours) and the reference loop, interleaved"):
         passes = gradient_passes(model, work, projector, config)
     exact = influence_scores(*passes.split(passes.grads), config.max_target_prompts, config.seed)
+    with phase(phases, "gradient methods"):
+        methods = gradient_methods(model, work, passes, config)
+    for name, timing in methods.items():
+        print(f"{name:<12}{timing['seconds_per_prompt']:.4f} s/prompt", flush=True)
     rows: list[Row] = []
     default_vectors = None
     settings = [(d, f) for d in config.dims for f in config.fractions]
@@ -660,6 +696,8 @@ def run(config: BenchConfig) -> dict[str, Any]:
             "precision_at_10pct": fastest.precision_at_10pct,
         },
         "scorer_check": check,
+        "gradient_method": POPIGradients(model, POPIConfig()).method,
+        "gradient_methods": methods,
         "rows": [asdict(r) | {"speedup_vs_reference": r.speedup(ref_s)} for r in rows],
         "table": table.splitlines(),
         "workload": {
@@ -696,7 +734,12 @@ def _csv(kind: type) -> Any:
 def parse_args(argv: list[str] | None) -> tuple[BenchConfig, Path]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     defaults = BenchConfig()
-    lists = {"dims": _csv(int), "fractions": _csv(float), "factorised": _csv(str)}
+    lists = {
+        "dims": _csv(int),
+        "fractions": _csv(float),
+        "factorised": _csv(str),
+        "method_batches": _csv(int),
+    }
     for key, value in asdict(defaults).items():
         flag = f"--{key.replace('_', '-')}"
         if isinstance(value, bool):
@@ -714,8 +757,10 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, Path]:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(config, key)}")
     if min(config.pool_samples, config.target_samples) < 2:
         parser.error("--pool-samples and --target-samples must be >= 2 (GRPO groups)")
-    if not config.dims or any(d < 1 for d in config.dims):
-        parser.error(f"--dims must be positive integers, got {config.dims}")
+    for key in ("dims", "method_batches"):
+        if not getattr(config, key) or min(getattr(config, key)) < 1:
+            flag = f"--{key.replace('_', '-')}"
+            parser.error(f"{flag} must be positive integers, got {getattr(config, key)}")
     for fraction in (*config.fractions, config.default_fraction, config.reference_fraction):
         if not 0 < fraction <= 1:
             parser.error(f"kept fractions must be in (0, 1], got {fraction}")

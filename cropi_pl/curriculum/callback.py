@@ -16,7 +16,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import AutoModelForCausalLM
 
-from cropi_pl.influence.popi import POPIConfig, PromptTrajectories, behaviour_logps
+from cropi_pl.influence.popi import Method, POPIConfig, PromptTrajectories, behaviour_logps
 from cropi_pl.influence.projection import ProjectionConfig, atomic_output_path
 from cropi_pl.influence.scorer import InfluenceScorer
 from cropi_pl.influence.selection import (
@@ -52,10 +52,11 @@ class CurriculumCallback(L.Callback):
             (single-stage "static" influence).
         popi: off-policy gradient options (ratio clipping, reweighting, parameter subset).
         projection: sparse random projection (dimension, kept fraction, kind, seed).
-        prompts_per_batch: prompts per vmapped backward in the influence pass.
+        prompts_per_batch: prompts per backward pass in the influence pass.
         projection_batch: gradients buffered per projection call (each call streams the random
             matrix once; memory is this many full gradients).
-        use_vmap: batch prompts with ``torch.func.vmap``; default: on CUDA only (slower on CPU).
+        method: per-prompt gradients by "hooks" (one backward per batch), "vmap" or "loop"
+            (one backward per prompt); default: vmap on CUDA, hooks elsewhere (``POPIGradients``).
         max_target_prompts: target prompts averaged into each target gradient (the paper: 100).
         log_drift: log KL(behaviour || current) and the importance ratios' effective sample size
             on the cached pool responses at every stage (one extra forward over the cache).
@@ -74,7 +75,7 @@ class CurriculumCallback(L.Callback):
         projection: ProjectionConfig | None = None,
         prompts_per_batch: int = 8,
         projection_batch: int = 128,
-        use_vmap: bool | None = None,
+        method: Method | None = None,
         max_target_prompts: int = 100,
         log_drift: bool = True,
         selection_dir: str | None = None,
@@ -94,6 +95,7 @@ class CurriculumCallback(L.Callback):
             prompts_per_batch,
             max_target_prompts,
             projection_batch=projection_batch,
+            method=method,
         )
         self.log_drift = log_drift
         self.selection_dir = selection_dir

@@ -8,12 +8,18 @@ with per-token importance ratios rho = pi_theta / beta. The gradient of one prom
 
 which at theta = beta (rho = 1) is exactly the on-policy GRPO gradient.
 
-Many prompts share one backward pass: ``torch.func.vmap`` over prompts of ``torch.func.grad`` of the
-per-prompt loss, each prompt's K responses forming the (K, T) batch the model sees inside vmap.
+Three ways to get per-prompt gradients (``POPIGradients(method=...)``), all through the same loss:
+
+* "hooks": one ordinary forward/backward of all prompts' responses as one (p*K, T) batch under the
+  SUM of the per-prompt losses (rows never interact, so each row's activation gradients are its
+  own prompt's). Module hooks capture every layer's input and output gradient and each prompt's
+  weight gradient is summed over its own rows only (``_RULES``: Linear, Embedding, RMSNorm).
+* "vmap": ``torch.func.vmap`` over prompts of ``torch.func.grad`` of the per-prompt loss.
+* "loop": one ``torch.autograd.grad`` per prompt (the reference).
+
 HF attention-mask code does not survive vmap, so sequences are RIGHT-padded (prompt, completion,
 pad) and the model gets no attention mask: causal attention keeps real tokens blind to later pads,
-and the loss masks the pad positions. Models that still fail under vmap fall back to a per-prompt
-loop of ``torch.autograd.grad`` through the same loss.
+and the loss masks the pad positions (pads get exactly zero gradient).
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from cropi_pl.influence.projection import derive_seed
 
 RatioMode = Literal["none", "clip", "truncate"]
 _RATIO_MODES = ("none", "clip", "truncate")
+Method = Literal["loop", "vmap", "hooks"]
+_METHODS = ("loop", "vmap", "hooks")
 _PAD_ID = 0  # any valid id: right pads are never attended to and never scored
 
 
@@ -240,6 +248,90 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             module.train(training)
 
 
+def _batch_loss(logits: Tensor, block: _Block, config: POPIConfig) -> Tensor:
+    """Sum over prompts of the per-prompt loss from (p*K, T, V) logits: a prompt's rows only
+    reach its own term, so the gradient through each row is that prompt's own gradient."""
+    p, k, t = block.input_ids.shape
+    logits = logits.reshape(p, k, t, -1)
+    return sum(_prompt_loss(logits[j], _Block(*(x[j] for x in block)), config) for j in range(p))
+
+
+def _hooked_backward(
+    model: nn.Module, modules: dict[str, nn.Module], block: _Block, config: POPIConfig
+) -> dict[str, list[tuple[Tensor, Tensor]]]:
+    """(first input, output gradient) of every call of each of ``modules`` in one forward and
+    backward of the block's (p*K, T) rows under ``_batch_loss``. Parameter gradients are never
+    accumulated: autograd only differentiates down to the hooked outputs."""
+    p, k, t = block.input_ids.shape
+    inputs: dict[str, list[Tensor]] = {name: [] for name in modules}
+    outputs: dict[str, list[Tensor]] = {name: [] for name in modules}
+
+    def capture(name: str) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
+        def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+            inputs[name].append(args[0].detach())
+            outputs[name].append(output)
+
+        return hook
+
+    handles = [m.register_forward_hook(capture(n)) for n, m in modules.items()]
+    try:
+        logits = _logits(model(block.input_ids.reshape(p * k, t)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    hooked = [y for name in modules for y in outputs[name]]
+    out_grads = iter(torch.autograd.grad(_batch_loss(logits, block, config), hooked))
+    return {name: [(x, next(out_grads)) for x in inputs[name]] for name in modules}
+
+
+# A rule turns one call's (input, output gradient) of (p*K, T, ...) rows into per-prompt
+# gradients (p, *shape) of the module's own parameters, keyed by attribute name.
+_Rule = Callable[[nn.Module, Tensor, Tensor, int], dict[str, Tensor]]
+
+
+def _linear_rule(module: nn.Module, x: Tensor, g: Tensor, p: int) -> dict[str, Tensor]:
+    """y = x W^T + b: dW = sum over the prompt's tokens of g x^T, db = sum of g."""
+    x = x.reshape(p, -1, x.shape[-1])
+    g = g.reshape(p, -1, g.shape[-1])
+    out = {"weight": torch.bmm(g.transpose(1, 2), x)}
+    if module.bias is not None:
+        out["bias"] = g.sum(1)
+    return out
+
+
+def _embedding_rule(module: nn.Module, ids: Tensor, g: Tensor, p: int) -> dict[str, Tensor]:
+    """Row v of the table gets the sum of g over the prompt's tokens equal to v, except the
+    padding row, which ``nn.Embedding`` never updates."""
+    vocab, width = module.weight.shape
+    ids = ids.reshape(p, -1)
+    index = (ids + vocab * torch.arange(p, device=ids.device)[:, None]).reshape(-1)
+    g = g.reshape(-1, width)
+    if module.padding_idx is not None:
+        keep = ids.reshape(-1) != module.padding_idx
+        index, g = index[keep], g[keep]
+    table = g.new_zeros(p * vocab, width).index_add_(0, index, g)
+    return {"weight": table.reshape(p, vocab, width)}
+
+
+def _rms_norm_rule(module: nn.Module, x: Tensor, g: Tensor, p: int) -> dict[str, Tensor]:
+    """HF Llama-family RMSNorm, y = w * (x / rms(x)) computed in float32: dw = sum of g * x/rms."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+    return {"weight": (g * normed.to(x.dtype)).reshape(p, -1, x.shape[-1]).sum(1)}
+
+
+def _rule(module: nn.Module) -> _Rule | None:
+    """The per-prompt gradient rule of ``module``'s own parameters, None if it has none."""
+    if isinstance(module, nn.Linear):
+        return _linear_rule
+    if isinstance(module, nn.Embedding) and module.max_norm is None:
+        return None if module.scale_grad_by_freq else _embedding_rule
+    names = {name for name, _ in module.named_parameters(recurse=False)}
+    if names == {"weight"} and hasattr(module, "variance_epsilon") and module.weight.dim() == 1:
+        return _rms_norm_rule
+    return None
+
+
 class POPIGradients:
     """Per-prompt POPI gradients of ``model``, ``prompts_per_batch`` prompts per backward pass.
 
@@ -249,6 +341,13 @@ class POPIGradients:
     loss are always float32). Under vmap, PyTorch has no batching rule for the fused SDPA kernels
     and loops over prompts for the attention op alone; eager attention batches fully (faster for
     short sequences, O(T^2) memory per head), so the attention implementation is left to the caller.
+
+    ``method`` (module doc): None picks "vmap" on CUDA and "loop" elsewhere: on one CPU thread
+    the tiny policy's backward is GEMM-bound and bigger batches only add padding and cache misses,
+    so "hooks" and "vmap" were slower than the loop at every batch size (tools/bench_influence.py).
+    "hooks" sees a parameter only through its modules' forward calls: a model that uses a weight
+    functionally elsewhere needs "loop" or "vmap". A model that fails under vmap falls back to
+    "loop" with a warning.
     """
 
     def __init__(
@@ -256,14 +355,15 @@ class POPIGradients:
         model: nn.Module,
         config: POPIConfig,
         prompts_per_batch: int = 8,
-        use_vmap: bool = True,
+        method: Method | None = None,
     ) -> None:
         if prompts_per_batch < 1:
             raise ValueError(f"prompts_per_batch must be >= 1, got {prompts_per_batch}")
+        if method is not None and method not in _METHODS:
+            raise ValueError(f"method must be one of {_METHODS} or None, got {method!r}")
         self.model = model
         self.config = config
         self.prompts_per_batch = prompts_per_batch
-        self.use_vmap = use_vmap
         pattern = re.compile(config.param_filter) if config.param_filter is not None else None
         self._params = {
             name: p
@@ -283,6 +383,36 @@ class POPIGradients:
             total += p.numel()
         self.num_params: int = total
         self._vocab_size = _vocab_size(model)
+        if method is None:
+            method = "vmap" if self._device().type == "cuda" else "loop"
+        self._hooked, unsupported = self._hook_plan()
+        if method == "hooks" and unsupported:
+            raise ValueError(
+                f"method='hooks' has no per-prompt gradient rule for {unsupported[:3]}; "
+                "use method='loop' or 'vmap', or a param_filter that excludes them"
+            )
+        self.method: Method = method
+
+    def _hook_plan(self) -> tuple[dict[str, tuple[nn.Module, dict[str, str]]], list[str]]:
+        """Modules owning selected parameters, each with {attribute: flat-layout name} (a tied
+        weight appears under every module that owns it), and the selected parameters that some
+        owner has no rule for ("module (type)")."""
+        names = {id(p): name for name, p in self._params.items()}
+        hooked: dict[str, tuple[nn.Module, dict[str, str]]] = {}
+        unsupported: list[str] = []
+        for module_name, module in self.model.named_modules():
+            owned = {
+                attr: names[id(p)]
+                for attr, p in module.named_parameters(recurse=False, remove_duplicate=False)
+                if id(p) in names
+            }
+            if not owned:
+                continue
+            if _rule(module) is None:
+                unsupported.append(f"{module_name} ({type(module).__name__})")
+            else:
+                hooked[module_name] = (module, owned)
+        return hooked, unsupported
 
     def zero_mask(self, trajs: Sequence[PromptTrajectories]) -> list[bool]:
         """True for prompts whose K rewards are all equal: their gradient is exactly zero."""
@@ -317,7 +447,9 @@ class POPIGradients:
             yield indices, torch.cat(pieces, dim=1)
 
     def _batch_grads(self, trajs: list[PromptTrajectories]) -> dict[str, Tensor]:
-        if self.use_vmap:
+        if self.method == "hooks":
+            return self._hook_grads(trajs)
+        if self.method == "vmap":
             try:
                 return self._vmap_grads(trajs)
             except torch.OutOfMemoryError:
@@ -328,7 +460,7 @@ class POPIGradients:
                     "a per-prompt torch.autograd.grad loop",
                     stacklevel=2,
                 )
-                self.use_vmap = False
+                self.method = "loop"
         return self._loop_grads(trajs)
 
     def _device(self) -> torch.device:
@@ -349,6 +481,24 @@ class POPIGradients:
 
         block = _collate(trajs, self._device())
         return vmap(grad(loss), in_dims=(None, 0))(params, block)
+
+    def _hook_grads(self, trajs: list[PromptTrajectories]) -> dict[str, Tensor]:
+        """All prompts of the batch in one plain forward/backward; per-prompt sums by hooks."""
+        block = _collate(trajs, self._device())
+        modules = {name: module for name, (module, _) in self._hooked.items()}
+        calls = _hooked_backward(self.model, modules, block, self.config)
+        grads: dict[str, Tensor] = {}
+        for module_name, (module, owned) in self._hooked.items():
+            rule = _rule(module)
+            for x, g in calls[module_name]:
+                for attr, piece in rule(module, x, g, len(trajs)).items():
+                    if attr in owned:
+                        name = owned[attr]
+                        grads[name] = grads[name] + piece if name in grads else piece
+        for name, p in self._params.items():  # its module never ran: zero gradient
+            if name not in grads:
+                grads[name] = p.new_zeros(len(trajs), *p.shape)
+        return grads
 
     def _loop_grads(self, trajs: list[PromptTrajectories]) -> dict[str, Tensor]:
         """Reference path: one unpadded forward/backward per prompt through the real module."""
@@ -428,36 +578,14 @@ class FactorisedProjection:
     def _project_batch(self, trajs: list[PromptTrajectories]) -> Tensor:
         device = next(iter(self._layers.values())).weight.device
         block = _collate(trajs, device)
-        p, k, t = block.input_ids.shape
-        inputs: dict[str, list[Tensor]] = {name: [] for name in self.layer_names}
-        outputs: dict[str, list[Tensor]] = {name: [] for name in self.layer_names}
-
-        def capture(name: str) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
-            def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-                inputs[name].append(args[0].detach())
-                outputs[name].append(output)
-
-            return hook
-
-        handles = [m.register_forward_hook(capture(n)) for n, m in self._layers.items()]
-        try:
-            logits = _logits(self.model(block.input_ids.reshape(p * k, t)))
-        finally:
-            for handle in handles:
-                handle.remove()
-        logits = logits.reshape(p, k, t, -1)
-        loss = sum(
-            _prompt_loss(logits[j], _Block(*(x[j] for x in block)), self.config) for j in range(p)
-        )
-        hooked = [y for name in self.layer_names for y in outputs[name]]
-        out_grads = iter(torch.autograd.grad(loss, hooked))
+        p = len(trajs)
+        calls = _hooked_backward(self.model, self._layers, block, self.config)
         pieces = []
         for name in self.layer_names:
             p_in, p_out = self.projections[name]
             piece = torch.zeros(p, p_out.shape[1], p_in.shape[1], device=device)
-            for x in inputs[name]:  # a layer called several times contributes once per call
+            for x, g in calls[name]:  # a layer called several times contributes once per call
                 xp = x.reshape(p, -1, x.shape[-1]).float() @ p_in
-                g = next(out_grads)
                 gp = g.reshape(p, -1, g.shape[-1]).float() @ p_out
                 piece += torch.einsum("pna,pnb->pab", gp, xp)
             pieces.append(piece.reshape(p, -1))

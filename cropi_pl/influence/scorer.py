@@ -12,7 +12,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from cropi_pl.influence.popi import POPIConfig, POPIGradients, PromptTrajectories, zero_mask
+from cropi_pl.influence.popi import (
+    Method,
+    POPIConfig,
+    POPIGradients,
+    PromptTrajectories,
+    zero_mask,
+)
 from cropi_pl.influence.projection import ProjectionConfig, SparseProjector
 from cropi_pl.influence.selection import cosine_scores, target_mean
 
@@ -36,8 +42,8 @@ class InfluenceScorer:
     assembles the full matrix, so every rank makes the same selection as a single process would.
     The projector is fixed by its seed, so scores of different stages are comparable. Gradients
     are buffered ``projection_batch`` prompts at a time (memory: that many full gradients) because
-    each projection call streams the whole random matrix once. ``use_vmap=None`` batches prompts
-    with ``torch.func.vmap`` on CUDA and loops one backward per prompt on CPU, where it is faster.
+    each projection call streams the whole random matrix once. ``method`` is ``POPIGradients``'s
+    (None: vmap on CUDA, one hooked backward per batch of prompts elsewhere).
     """
 
     def __init__(
@@ -48,7 +54,7 @@ class InfluenceScorer:
         max_target_prompts: int = 100,
         seed: int = 0,
         projection_batch: int = 128,
-        use_vmap: bool | None = None,
+        method: Method | None = None,
     ) -> None:
         self.popi = popi or POPIConfig()
         self.projection = projection or ProjectionConfig()
@@ -56,7 +62,7 @@ class InfluenceScorer:
         self.max_target_prompts = max_target_prompts
         self.seed = seed
         self.projection_batch = projection_batch
-        self.use_vmap = use_vmap
+        self.method = method
         self._projector: SparseProjector | None = None
 
     def project(
@@ -69,9 +75,7 @@ class InfluenceScorer:
         """``(vectors (n, k), nonzero (n,))`` for all prompts, computed in rank shares."""
         rank, world = _rank_world()
         device = next(model.parameters()).device
-        # Measured (tools/bench_influence.py): on CPU a per-prompt backward loop beats vmap.
-        vmap = self.use_vmap if self.use_vmap is not None else device.type == "cuda"
-        grads = POPIGradients(model, self.popi, self.prompts_per_batch, use_vmap=vmap)
+        grads = POPIGradients(model, self.popi, self.prompts_per_batch, self.method)
         if self._projector is None or self._projector.num_params != grads.num_params:
             self._projector = SparseProjector(grads.num_params, self.projection)
         nonzero = torch.tensor([not z for z in zero_mask(trajs)])
