@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +81,10 @@ def overlay(method: str, run_dir: Path, cache_dir: Path, args: argparse.Namespac
     return path
 
 
-def run(cmd: list[str], log: Path) -> float:
+def run(cmd: list[str], log: Path, threads: int | None = None) -> float:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
     with log.open("w") as f:
         proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
@@ -205,6 +208,10 @@ def main() -> None:
     parser.add_argument("--config", default="configs/cropi_tiny.yaml")
     parser.add_argument("--runs", default="runs/acceleration")
     parser.add_argument("--out", default="results")
+    parser.add_argument(
+        "--jobs", type=int, default=2, help="runs in parallel (each with --threads threads)"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     args = parser.parse_args()
     if "full" not in args.methods:
         raise SystemExit("--methods must include 'full': accelerations are relative to it")
@@ -215,16 +222,23 @@ def main() -> None:
     py = sys.executable
     started = time.perf_counter()
 
-    base_dir = runs / "base"
-    args.seed = args.seeds[0]
-    base_overlay = overlay("full", base_dir, cache, args)
-    run(
-        [py, "-m", "cropi_pl", "validate", "--config", args.config, "--config", str(base_overlay)],
-        base_dir / "log.txt",
-    )
-    base_tags = scalars(base_dir)
-    base = {k: base_tags[f"val/{k}/accuracy"][-1][1] for k in ("targeted", "untargeted")}
-    print(f"starting policy: targeted {base['targeted']:.3f}, untargeted {base['untargeted']:.3f}")
+    def validate_start(seed: int) -> dict[str, float]:
+        """Accuracy of the starting policy with this seed's evaluation samples (step 0)."""
+        base_dir = runs / f"base-seed{seed}"
+        path = overlay("full", base_dir, cache, argparse.Namespace(**{**vars(args), "seed": seed}))
+        cmd = [py, "-m", "cropi_pl", "validate", "--config", args.config, "--config", str(path)]
+        run(cmd, base_dir / "log.txt", args.threads)
+        tags = scalars(base_dir)
+        return {k: tags[f"val/{k}/accuracy"][-1][1] for k in ("targeted", "untargeted")}
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        bases = dict(zip(args.seeds, pool.map(validate_start, args.seeds), strict=True))
+    for seed, b in bases.items():
+        print(
+            f"starting policy, seed {seed}: targeted {b['targeted']:.3f}, "
+            f"untargeted {b['untargeted']:.3f}"
+        )
+    base_overlay = runs / f"base-seed{args.seeds[0]}" / "overlay.yaml"
 
     collection_s = 0.0
     if USES_TRAJECTORIES & set(args.methods):
@@ -238,35 +252,42 @@ def main() -> None:
                 str(base_overlay),
             ],
             runs / "collect_log.txt",
+            args.threads,
         )
         print(f"trajectory collection: {collection_s:.1f}s (charged to every method that uses it)")
 
+    def one(method: str, seed: int) -> tuple[str, int, dict]:
+        run_args = argparse.Namespace(**{**vars(args), "seed": seed})
+        run_dir = runs / f"{method}-seed{seed}"
+        if run_dir.exists():
+            subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+        path = overlay(method, run_dir, cache, run_args)
+        seconds = run(
+            [py, "-m", "cropi_pl", "fit", "--config", args.config, "--config", str(path)],
+            run_dir / "log.txt",
+            args.threads,
+        )
+        tags = scalars(run_dir)
+        charged = collection_s if method in USES_TRAJECTORIES else 0.0
+        result = {
+            "targeted": curve(tags, "val/targeted/accuracy", bases[seed]["targeted"]),
+            "untargeted": curve(tags, "val/untargeted/accuracy", bases[seed]["untargeted"]),
+            "wall": train_seconds_by_step(run_dir, tags, charged, args.stage_steps),
+            "process_seconds": seconds,
+        }
+        t = result["targeted"]
+        print(
+            f"{method:17s} seed {seed}: targeted {[round(t[s], 3) for s in sorted(t)]} "
+            f"({seconds:.0f}s)",
+            flush=True,
+        )
+        return method, seed, result
+
     results: dict[str, dict[int, dict]] = {m: {} for m in args.methods}
-    for seed in args.seeds:
-        for method in args.methods:
-            args.seed = seed
-            run_dir = runs / f"{method}-seed{seed}"
-            if run_dir.exists():
-                subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-            path = overlay(method, run_dir, cache, args)
-            seconds = run(
-                [py, "-m", "cropi_pl", "fit", "--config", args.config, "--config", str(path)],
-                run_dir / "log.txt",
-            )
-            tags = scalars(run_dir)
-            charged = collection_s if method in USES_TRAJECTORIES else 0.0
-            results[method][seed] = {
-                "targeted": curve(tags, "val/targeted/accuracy", base["targeted"]),
-                "untargeted": curve(tags, "val/untargeted/accuracy", base["untargeted"]),
-                "wall": train_seconds_by_step(run_dir, tags, charged, args.stage_steps),
-                "process_seconds": seconds,
-            }
-            t = results[method][seed]["targeted"]
-            print(
-                f"{method:17s} seed {seed}: targeted {[round(t[s], 3) for s in sorted(t)]} "
-                f"({seconds:.0f}s)",
-                flush=True,
-            )
+    jobs = [(m, s) for s in args.seeds for m in args.methods]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for method, seed, result in pool.map(lambda job: one(*job), jobs):
+            results[method][seed] = result
 
     summary = summarise(results, args.seeds)
     print(
@@ -285,7 +306,7 @@ def main() -> None:
             "wallclock_acceleration": summary.get("cropi", {}).get("wallclock_acceleration"),
         },
         "methods": summary,
-        "base_accuracy": base,
+        "base_accuracy": {str(k): v for k, v in bases.items()},
         "trajectory_collection_seconds": collection_s,
         "settings": {
             "seeds": args.seeds,

@@ -167,11 +167,16 @@ class GRPOModule(L.LightningModule):
         temperature: float,
         tag: str,
     ) -> tuple[list[list[int]], list[Completion]]:
-        """Prompt ids (one per completion) and completions, seeded per (tag, step, prompt, j)."""
+        """Prompt ids (one per completion) and completions, seeded per (tag, step, prompt, j).
+
+        Evaluation reuses the same seeds at every step (common random numbers), so sampled
+        accuracy curves differ by what the policy learned, not by fresh sampling noise.
+        """
         assert self.policy is not None
         prompts = self.encode_prompts(rows)
+        step = self.global_step if tag == "train" else 0
         seeds = [
-            row_seed(self.hparams.seed, tag, self.global_step, r["id"], j)
+            row_seed(self.hparams.seed, tag, step, r["id"], j)
             for r in rows
             for j in range(num_samples)
         ]
