@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import bench_grpo  # noqa: E402
 
 from cropi_pl.policy.tokenizer import build_tokenizer  # noqa: E402
+from tests.models import tiny_char_llama  # noqa: E402
 
 
 def test_completion_tokens_counts_up_to_first_eos():
@@ -65,20 +65,7 @@ def test_summarize_takes_medians_after_each_runs_warmup():
 def tiny_model(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("policy")
     tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
+    tiny_char_llama(0).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import bench_influence as bench  # noqa: E402
 
 from cropi_pl.influence.popi import POPIConfig, POPIGradients, PromptTrajectories  # noqa: E402
 from cropi_pl.policy.tokenizer import build_tokenizer  # noqa: E402
+from tests.models import tiny_char_llama  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -111,24 +111,6 @@ def test_measured_sees_allocations():
     assert section.seconds > 0
 
 
-def _tiny_llama(seed: int) -> LlamaForCausalLM:
-    tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
-
-
 def _trajs(rng: random.Random, n: int, k: int, vocab: int) -> list[PromptTrajectories]:
     out = []
     for i in range(n):
@@ -148,7 +130,7 @@ def _trajs(rng: random.Random, n: int, k: int, vocab: int) -> list[PromptTraject
 def test_gradient_passes_rows_match_per_prompt_gradients():
     """Each stored row is its own prompt's gradient and the reference projects exactly it."""
     rng = random.Random(random.randrange(2**31))
-    model = _tiny_llama(rng.randrange(100))
+    model = tiny_char_llama(rng.randrange(100))
     vocab = model.config.vocab_size
     work = bench.Workload(_trajs(rng, 11, 3, vocab), _trajs(rng, 6, 4, vocab), {})
     config = bench.BenchConfig(prompts_per_batch=3, default_dim=8)
@@ -184,7 +166,7 @@ def test_gradient_passes_rows_match_per_prompt_gradients():
 
 def test_tiny_end_to_end_run(tmp_path):
     path = tmp_path / "policy"
-    _tiny_llama(0).save_pretrained(path)
+    tiny_char_llama(0).save_pretrained(path)
     build_tokenizer().save_pretrained(path)
     out = tmp_path / "bench.json"
     argv = [

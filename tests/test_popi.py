@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from cropi_pl.influence.popi import (
     FactorisedProjection,
@@ -18,6 +18,7 @@ from cropi_pl.influence.popi import (
     PromptTrajectories,
     behaviour_logps,
 )
+from tests.models import tiny_llama
 
 VOCAB = 50
 TOL = 1e-5
@@ -32,19 +33,8 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def tiny_llama(seed: int, **overrides: object) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        **overrides,
-    )
-    return LlamaForCausalLM(config).float().eval()
+def popi_llama(seed: int, **overrides: object) -> LlamaForCausalLM:
+    return tiny_llama(seed, VOCAB, width=32, layers=2, heads=4, **overrides)
 
 
 def perturbed(model: torch.nn.Module, scale: float, seed: int) -> torch.nn.Module:
@@ -117,7 +107,7 @@ def flat_grad(model: torch.nn.Module, loss: torch.Tensor, names: list[str]) -> t
 
 @pytest.mark.parametrize("method", ["vmap", "hooks"])
 def test_batched_methods_match_per_prompt_loop_and_skip_equal_rewards(method: str) -> None:
-    model = tiny_llama(0)
+    model = popi_llama(0)
     trajs = random_trajs(perturbed(model, 0.05, 1), n=8, seed=2)
     batched = POPIGradients(model, POPIConfig(), prompts_per_batch=3, method=method)
     looped = POPIGradients(model, POPIConfig(), prompts_per_batch=3, method="loop")
@@ -133,7 +123,7 @@ def test_batched_methods_match_per_prompt_loop_and_skip_equal_rewards(method: st
 
 
 def test_theta_equal_beta_is_onpolicy_grpo_gradient() -> None:
-    model = tiny_llama(3)
+    model = popi_llama(3)
     trajs = random_trajs(model, n=5, seed=4, equal_every=10)
     popi = POPIGradients(model, POPIConfig(), prompts_per_batch=4)
     got = collect(popi, trajs)
@@ -195,7 +185,7 @@ def bruteforce_loss(
     ids=["none", "clip", "truncate", "reweight", "truncate+reweight"],
 )
 def test_offpolicy_gradient_matches_per_token_bruteforce(config: POPIConfig) -> None:
-    beta = tiny_llama(5)
+    beta = popi_llama(5)
     trajs = random_trajs(beta, n=4, seed=6, equal_every=10)
     model = perturbed(beta, 0.05, 7)
     popi = POPIGradients(model, config, prompts_per_batch=4)
@@ -217,7 +207,7 @@ def test_offpolicy_gradient_matches_per_token_bruteforce(config: POPIConfig) -> 
 
 
 def test_param_filter_restricts_layout() -> None:
-    model = tiny_llama(8)
+    model = popi_llama(8)
     trajs = random_trajs(perturbed(model, 0.05, 9), n=4, seed=10, equal_every=10)
     full = POPIGradients(model, POPIConfig(), prompts_per_batch=2)
     sub = POPIGradients(model, POPIConfig(param_filter=r"layers\.1\.mlp\."), prompts_per_batch=2)
@@ -247,7 +237,7 @@ def test_param_filter_restricts_layout() -> None:
 
 @pytest.mark.parametrize("method", ["vmap", "hooks"])
 def test_tied_embeddings_and_train_mode_model(method: str) -> None:
-    model = tiny_llama(11, tie_word_embeddings=True, attention_dropout=0.5).train()
+    model = popi_llama(11, tie_word_embeddings=True, attention_dropout=0.5).train()
     trajs = random_trajs(perturbed(model, 0.05, 12).eval(), n=4, seed=13, equal_every=10)
     batched = POPIGradients(model, POPIConfig(), prompts_per_batch=4, method=method)
     got = collect(batched, trajs)
@@ -273,7 +263,7 @@ def test_hooks_equal_loop_with_biases_tied_padding_row_and_uneven_lengths(
     """Every parameter kind the hook rules cover: Linear weights and biases, RMSNorm weights and a
     tied embedding / lm_head whose padding row gets no lookup gradient. Prompts and completions
     contain the pad id 0, lengths and K vary, and every third prompt has zero advantages."""
-    model = tiny_llama(20, tie_word_embeddings=True, pad_token_id=0, attention_bias=True)
+    model = popi_llama(20, tie_word_embeddings=True, pad_token_id=0, attention_bias=True)
     model.model.layers[0].mlp.down_proj.bias = torch.nn.Parameter(torch.randn(32))
     assert model.model.embed_tokens.padding_idx == 0
     trajs = random_trajs(perturbed(model, 0.1, 21), n=10, seed=22)
@@ -296,7 +286,7 @@ def test_hooks_equal_loop_with_biases_tied_padding_row_and_uneven_lengths(
 
 
 def test_hooks_refuse_modules_without_a_rule() -> None:
-    model = tiny_llama(23)
+    model = popi_llama(23)
     model.model.norm = torch.nn.LayerNorm(32)  # no hook rule for LayerNorm
     with pytest.raises(ValueError, match=r"model\.norm \(LayerNorm\)"):
         POPIGradients(model, POPIConfig(), method="hooks")
@@ -307,7 +297,7 @@ def test_hooks_refuse_modules_without_a_rule() -> None:
 
 
 def test_behaviour_logps_match_unbatched_forward() -> None:
-    model = tiny_llama(14)
+    model = popi_llama(14)
     prompt = [3, 14, 15, 9]
     completions = [[2, 6], [5, 3, 5, 8, 9, 7, 9], [3], [2, 3, 8, 4]]
     got = behaviour_logps(model, prompt, completions, batch_size=3)
@@ -319,7 +309,7 @@ def test_behaviour_logps_match_unbatched_forward() -> None:
 
 
 def test_bad_input_names_the_row() -> None:
-    model = tiny_llama(15)
+    model = popi_llama(15)
     popi = POPIGradients(model, POPIConfig())
     good = PromptTrajectories([1, 2], [[3], [4, 5]], [[-1.0], [-1.0, -2.0]], [0.0, 1.0])
     cases = {
@@ -344,7 +334,7 @@ def test_bad_input_names_the_row() -> None:
 
 
 def test_factorised_projection_equals_kronecker_projection_of_exact_gradient() -> None:
-    beta = tiny_llama(16)
+    beta = popi_llama(16)
     trajs = random_trajs(beta, n=6, seed=17)
     model = perturbed(beta, 0.05, 18)
     config = POPIConfig(ratio_mode="truncate")

@@ -6,26 +6,12 @@ import random
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from cropi_pl.influence.popi import POPIGradients, PromptTrajectories, behaviour_logps
 from cropi_pl.influence.projection import ProjectionConfig, SparseProjector
 from cropi_pl.influence.scorer import InfluenceScorer
 from cropi_pl.influence.selection import InfluenceSelector, SelectionContext
-
-
-def _model(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=40,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
+from tests.models import tiny_llama
 
 
 def _trajectories(model, n: int, k: int, seed: int) -> list[PromptTrajectories]:
@@ -43,7 +29,7 @@ def _trajectories(model, n: int, k: int, seed: int) -> list[PromptTrajectories]:
 
 
 def _setup(seed=0):
-    model = _model()
+    model = tiny_llama(0, 40)
     pool = _trajectories(model, 12, 4, seed)
     targets = {"a": _trajectories(model, 5, 6, seed + 1), "b": _trajectories(model, 5, 6, seed + 2)}
     with torch.no_grad():  # move away from beta so the ratios are not all 1

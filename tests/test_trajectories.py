@@ -10,7 +10,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from cropi_pl.generation.engine import Completion
 from cropi_pl.influence.trajectories import (
@@ -23,6 +23,7 @@ from cropi_pl.influence.trajectories import (
     fingerprint_rows,
     seed_tag,
 )
+from tests.models import tiny_llama
 
 VOCAB = 40
 SETTINGS = SamplingSettings(num_samples=3, temperature=0.7, top_p=1.0, max_new_tokens=6, seed=5)
@@ -343,29 +344,19 @@ def test_settings_validation() -> None:
         SamplingSettings(2, 1.0, 0.0, 4, 0)
 
 
-def tiny_llama(seed: int, vocab: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    return LlamaForCausalLM(config).float().eval()
+def policy(seed: int, vocab: int) -> LlamaForCausalLM:
+    return tiny_llama(seed, vocab, width=32, layers=2, heads=4, max_positions=128)
 
 
 def test_fingerprints() -> None:
-    model = tiny_llama(0, VOCAB)
+    model = policy(0, VOCAB)
     fp = fingerprint_model(model)
-    assert fp == fingerprint_model(tiny_llama(0, VOCAB))
+    assert fp == fingerprint_model(policy(0, VOCAB))
     with torch.no_grad():
         p = model.model.layers[1].mlp.up_proj.weight
         p[3, 5] = torch.nextafter(p[3, 5], torch.tensor(1.0))  # one ulp of one weight
     assert fingerprint_model(model) != fp
-    assert fingerprint_model(tiny_llama(0, VOCAB).to(torch.bfloat16)) != fp
+    assert fingerprint_model(policy(0, VOCAB).to(torch.bfloat16)) != fp
 
     rows = make_rows(5)
     fp_rows = fingerprint_rows(rows)
@@ -386,7 +377,7 @@ def test_real_tiny_llama_collection(tmp_path: Path) -> None:
     from cropi_pl.tasks.arithmetic import generate_tasks
 
     tokenizer = build_tokenizer()
-    model = tiny_llama(1, len(tokenizer))
+    model = policy(1, len(tokenizer))
     rows = generate_tasks(families=("add",), difficulties=(1,), num_per_cell=2, split="validation")
     settings = SamplingSettings(num_samples=2, temperature=1.0, top_p=0.9, max_new_tokens=6, seed=3)
     reward = ExactNumberReward()
