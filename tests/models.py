@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from cropi_pl.policy.build import PolicySpec
 from cropi_pl.policy.tokenizer import build_tokenizer
 
 
@@ -35,12 +36,15 @@ def tiny_llama(
 
 
 def tiny_char_llama(seed: int) -> LlamaForCausalLM:
-    """A tiny random Llama over the embedded character tokenizer, with its special token ids."""
-    tokenizer = build_tokenizer()
-    return tiny_llama(
-        seed,
-        len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    """A tiny random Llama over the embedded character tokenizer, built as the shipped policy is."""
+    spec = PolicySpec(
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=2,
+        intermediate_size=32,
+        max_positions=64,
+        tie_embeddings=False,
     )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(spec.config(build_tokenizer())).eval()
