@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,7 +50,9 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
-def overlay(method: str, run_dir: Path, cache_dir: Path, args: argparse.Namespace) -> Path:
+def overlay(
+    method: str, run_dir: Path, cache_dir: Path, args: argparse.Namespace, seed: int
+) -> Path:
     """A per-run YAML: the method's callbacks, no checkpoints, outputs under ``run_dir``."""
     spec = yaml.safe_load((ROOT / "configs" / "method" / f"{method}.yaml").read_text())
     callbacks = [
@@ -59,7 +62,7 @@ def overlay(method: str, run_dir: Path, cache_dir: Path, args: argparse.Namespac
         c["init_args"]["stage_steps"] = args.stage_steps
         c["init_args"]["progress"] = False
     config = {
-        "seed_everything": args.seed,
+        "seed_everything": seed,
         "trainer": {
             "default_root_dir": str(run_dir),
             "logger": {
@@ -72,8 +75,8 @@ def overlay(method: str, run_dir: Path, cache_dir: Path, args: argparse.Namespac
             "max_steps": args.steps,
             "val_check_interval": args.val_every,
         },
-        "model": {"init_args": {"seed": args.seed}},
-        "data": {"init_args": {"seed": args.seed, "trajectories": {"cache_dir": str(cache_dir)}}},
+        "model": {"init_args": {"seed": seed}},
+        "data": {"init_args": {"seed": seed, "trajectories": {"cache_dir": str(cache_dir)}}},
     }
     path = run_dir / "overlay.yaml"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -226,7 +229,7 @@ def main() -> None:
     def validate_start(seed: int) -> dict[str, float]:
         """Accuracy of the starting policy with this seed's evaluation samples (step 0)."""
         base_dir = runs / f"base-seed{seed}"
-        path = overlay("full", base_dir, cache, argparse.Namespace(**{**vars(args), "seed": seed}))
+        path = overlay("full", base_dir, cache, args, seed)
         cmd = [py, "-m", "cropi_pl", "validate", "--config", args.config, "--config", str(path)]
         run(cmd, base_dir / "log.txt", args.threads)
         tags = scalars(base_dir)
@@ -258,11 +261,9 @@ def main() -> None:
         print(f"trajectory collection: {collection_s:.1f}s (charged to every method that uses it)")
 
     def one(method: str, seed: int) -> tuple[str, int, dict]:
-        run_args = argparse.Namespace(**{**vars(args), "seed": seed})
         run_dir = runs / f"{method}-seed{seed}"
-        if run_dir.exists():
-            subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-        path = overlay(method, run_dir, cache, run_args)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        path = overlay(method, run_dir, cache, args, seed)
         seconds = run(
             [py, "-m", "cropi_pl", "fit", "--config", args.config, "--config", str(path)],
             run_dir / "log.txt",
