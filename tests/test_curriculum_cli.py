@@ -4,7 +4,12 @@ import json
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
+from cropi_pl.curriculum.resampling import ResampledStore
+from cropi_pl.influence.popi import behaviour_logps
+from cropi_pl.influence.trajectories import TrajectoryCache
+from cropi_pl.policy.build import resolve_model_path
 from tests.cli_utils import ROOT, event_tags, policy_state, run_cli
 
 CROPI = ROOT / "tests" / "configs" / "cropi_test.yaml"
@@ -37,11 +42,33 @@ def test_three_stages_selected_logged_and_saved(straight):
         "curriculum/selection_size",
         "curriculum/kl_behaviour_current",
         "curriculum/ess_fraction",
+        "curriculum/resample/prompts",
         "reward",
     ):
         assert tag in tags, f"missing {tag}"
     assert tags["curriculum/stage"] == [0.0, 1.0, 2.0]
     assert (straight / "trajectories" / "manifest.json").exists()
+    assert tags["curriculum/resample/prompts"] == [5.0, 5.0]  # stages 1 and 2, capped at 5
+
+
+def test_resampled_rows_replace_stale_prompts_from_the_current_policy(straight):
+    cache = TrajectoryCache(straight / "trajectories").load("pool").to_dict()
+    stale = {pid for pid, r in zip(cache["id"], cache["rewards"], strict=True) if len(set(r)) == 1}
+    store = ResampledStore(straight / "resampled")
+    first, second = store.load(1), store.load(2)
+    assert len(first) == len(second) == 5
+    assert set(first) <= stale  # stage 1 re-samples prompts whose stored rewards are all equal
+    beta = AutoModelForCausalLM.from_pretrained(resolve_model_path("embedded:tiny")).eval()
+    for t in first.values():  # behaviour log-probs of the stage-1 policy, not of beta
+        assert len(t.completion_ids) == 4
+        at_beta = behaviour_logps(beta, t.prompt_ids, t.completion_ids)
+        flat = [
+            a - b
+            for x, y in zip(at_beta, t.behaviour_logps, strict=True)
+            for a, b in zip(x, y, strict=True)
+        ]
+        gap = max(map(abs, flat))
+        assert gap > 1e-5
 
 
 def test_resume_after_sigkill_mid_stage_matches_uninterrupted(straight, tmp_path):

@@ -16,7 +16,14 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import AutoModelForCausalLM
 
-from cropi_pl.influence.popi import Method, POPIConfig, PromptTrajectories, behaviour_logps
+from cropi_pl.curriculum.resampling import (
+    ResampleConfig,
+    ResampledStore,
+    measure_drift,
+    stale_prompts,
+)
+from cropi_pl.generation.engine import row_seed
+from cropi_pl.influence.popi import Method, POPIConfig, PromptTrajectories
 from cropi_pl.influence.projection import ProjectionConfig, atomic_output_path
 from cropi_pl.influence.scorer import InfluenceScorer
 from cropi_pl.influence.selection import (
@@ -59,7 +66,12 @@ class CurriculumCallback(L.Callback):
             (one backward per prompt); default: vmap on CUDA, hooks elsewhere (``POPIGradients``).
         max_target_prompts: target prompts averaged into each target gradient (the paper: 100).
         log_drift: log KL(behaviour || current) and the importance ratios' effective sample size
-            on the cached pool responses at every stage (one extra forward over the cache).
+            on the cached pool responses at every stage (one extra forward over the cache, about
+            a third of an influence pass on the embedded policy).
+        resample: re-sample stale pool trajectories (all-equal rewards, low ESS) from the current
+            policy at stages >= 1 (``cropi_pl.curriculum.resampling``); None: the paper's
+            behaviour, every stage reweights the initial policy's samples. The fresh rows go to
+            ``<default_root_dir>/resampled/stage-XXX.parquet`` and are reused on resume.
         selection_dir: where ``stage-XXX.json`` selections go; default
             ``<default_root_dir>/selections``, next to the checkpoints.
         progress: show progress bars for collection and influence passes.
@@ -77,7 +89,8 @@ class CurriculumCallback(L.Callback):
         projection_batch: int = 128,
         method: Method | None = None,
         max_target_prompts: int = 100,
-        log_drift: bool = True,
+        log_drift: bool = False,
+        resample: ResampleConfig | None = None,
         selection_dir: str | None = None,
         progress: bool = True,
     ) -> None:
@@ -98,6 +111,7 @@ class CurriculumCallback(L.Callback):
             method=method,
         )
         self.log_drift = log_drift
+        self.resample = resample
         self.selection_dir = selection_dir
         self.progress = progress
         self.history: dict[int, list[str]] = {}
@@ -150,21 +164,24 @@ class CurriculumCallback(L.Callback):
             if self._cache is None:  # collected (or verified) once per process
                 behaviour = self._load_initial(module)
                 self._cache = dm.ensure_trajectories(behaviour, module.tokenizer, module)
-            cache = self._cache
-            rates = cache.pass_rates("pool")
-            ctx.pass_rate = torch.tensor([rates[i] for i in pool_ids], dtype=torch.float32)
-            _, pool_trajs = cache.to_trajectories("pool")
+            _, pool_trajs = self._cache.to_trajectories("pool")
         if isinstance(self.selector, InfluenceSelector):
             model = self._current_weights(module)
-            targets = {name: cache.to_trajectories(f"target/{name}")[1] for name in dm.target_data}
+            pool_trajs = self._freshen(trainer, module, model, pool_ids, pool_trajs, stage, metrics)
+            targets = {
+                name: self._cache.to_trajectories(f"target/{name}")[1] for name in dm.target_data
+            }
             if not targets:
                 raise ValueError("influence selection needs data.targets (influence target sets)")
             result = self.scorer.score(model, pool_trajs, targets, self.progress)
             ctx.scores, ctx.eligible = result.scores, result.eligible
             metrics.update({f"curriculum/{k}": v for k, v in result.stats.items()})
             metrics["curriculum/influence_seconds"] = result.seconds
-            if self.log_drift:
-                metrics.update(_drift(model, pool_trajs))
+        if pool_trajs:
+            ctx.pass_rate = torch.tensor(
+                [sum(r >= 0.5 for r in t.rewards) / len(t.rewards) for t in pool_trajs],
+                dtype=torch.float32,
+            )
         selection = self.selector.select(ctx, n)
         selection.stage = stage
         metrics["curriculum/selection_seconds"] = time.perf_counter() - start
@@ -172,6 +189,40 @@ class CurriculumCallback(L.Callback):
         return selection
 
     # ---------------------------------------------------------------- helpers
+    def _freshen(
+        self,
+        trainer: L.Trainer,
+        module: L.LightningModule,
+        model: nn.Module,
+        ids: list[str],
+        trajs: list[PromptTrajectories],
+        stage: int,
+        metrics: dict[str, float],
+    ) -> list[PromptTrajectories]:
+        """The pool's trajectories as this stage scores them: stored rows, with the rows that
+        earlier stages and this one re-sampled put in place (``resample``); logs drift."""
+        store = ResampledStore(Path(trainer.default_root_dir) / "resampled")
+        if self.resample is not None:
+            trajs = store.apply(ids, trajs, range(1, stage))
+        fresh = store.load(stage) if self.resample is not None and stage > 0 else {}
+        needs_ess = fresh is None and self.resample.min_ess is not None
+        drift = measure_drift(model, trajs) if self.log_drift or needs_ess else None
+        if self.log_drift:
+            metrics.update(drift.metrics())
+        if fresh is None:  # re-sampling is on and this stage has not re-sampled yet
+            start = time.perf_counter()
+            dm = trainer.datamodule
+            seed = row_seed("resample", dm.seed, stage)
+            ess = drift.ess if drift is not None else None
+            chosen, counts = stale_prompts(trajs, self.resample, ess, seed)
+            collector, settings = dm.collector(
+                model, module.tokenizer, module, dm.trajectory_settings.pool_samples
+            )
+            fresh = store.resample(stage, dm.pool.select(chosen).to_list(), collector, settings)
+            metrics.update(counts)
+            metrics["curriculum/resample_seconds"] = time.perf_counter() - start
+        return store.put(ids, trajs, fresh, store.path(stage))
+
     def _load_initial(self, module: L.LightningModule) -> nn.Module:
         """An unsharded copy of the initial policy (the behaviour policy beta)."""
         path = resolve_model_path(module.model_name)
@@ -225,24 +276,3 @@ class CurriculumCallback(L.Callback):
                 writer.add_histogram("curriculum/pass_rate_selected", chosen, step)
         with atomic_output_path(directory / f"stage-{stage:03d}.metrics.json") as tmp:
             Path(tmp).write_text(json.dumps(metrics, indent=1, sort_keys=True))
-
-
-@torch.no_grad()
-def _drift(model: nn.Module, trajs: list[PromptTrajectories]) -> dict[str, float]:
-    """KL(behaviour || current) per token and the mean per-prompt ESS of sequence ratios."""
-    kl_sum, tokens, ess = 0.0, 0, []
-    for t in trajs:
-        current = behaviour_logps(model, t.prompt_ids, t.completion_ids)
-        log_w: list[float] = []
-        for cur, beh in zip(current, t.behaviour_logps, strict=True):
-            diff = torch.tensor(beh, dtype=torch.float64) - torch.tensor(cur, dtype=torch.float64)
-            kl_sum += float(diff.sum())
-            tokens += len(beh)
-            log_w.append(-float(diff.sum()))
-        w = torch.tensor(log_w, dtype=torch.float64)
-        w = torch.exp(w - w.max())
-        ess.append(float(w.sum() ** 2 / (w.pow(2).sum() * len(w))))
-    return {
-        "curriculum/kl_behaviour_current": kl_sum / max(tokens, 1),
-        "curriculum/ess_fraction": sum(ess) / max(len(ess), 1),
-    }

@@ -215,6 +215,24 @@ class CurriculumDataModule(L.LightningDataModule):
             splits[f"target/{name}"] = (data, cfg.target_samples)
         return splits
 
+    def collector(
+        self, policy: Any, tokenizer: Any, module: Any, k: int
+    ) -> tuple[Collector, SamplingSettings]:
+        """A collector sampling ``k`` responses per prompt from ``policy`` with the cache's
+        settings; ``module`` supplies the engine, rewards and length budget."""
+        cfg = self.trajectory_settings
+        max_new = cfg.max_new_tokens or module.hparams.max_completion_length
+        settings = SamplingSettings(k, cfg.temperature, cfg.top_p, max_new, cfg.seed)
+        collector = Collector.for_model(
+            policy,
+            tokenizer,
+            module.engine,
+            module.rewards[0],
+            settings,
+            module.hparams.reward_timeout_s,
+        )
+        return collector, settings
+
     def ensure_trajectories(self, behaviour: Any, tokenizer: Any, module: Any) -> TrajectoryCache:
         """Collect (or resume collecting) every split with the behaviour policy; rank-split.
 
@@ -226,18 +244,9 @@ class CurriculumDataModule(L.LightningDataModule):
         cache = self.trajectory_cache()
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         model_fp = fingerprint_model(behaviour)
-        max_new = cfg.max_new_tokens or module.hparams.max_completion_length
         for split, (rows, k) in self.trajectory_splits().items():
-            settings = SamplingSettings(k, cfg.temperature, cfg.top_p, max_new, cfg.seed)
+            collector, settings = self.collector(behaviour, tokenizer, module, k)
             if not cache.is_complete(split) or cfg.rebuild:
-                collector = Collector.for_model(
-                    behaviour,
-                    tokenizer,
-                    module.engine,
-                    module.rewards[0],
-                    settings,
-                    module.hparams.reward_timeout_s,
-                )
                 cache.collect(
                     split,
                     rows,

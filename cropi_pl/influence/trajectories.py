@@ -454,10 +454,10 @@ class TrajectoryCache:
                 if not self._needs_sampling(path, meta, rebuild):
                     bar.update(stop - start)
                     continue
-                columns = self._sample_shard(
+                columns = self.sample_columns(
                     rows.select(range(start, stop)).to_list(), collector, settings, tag
                 )
-                self._write_shard(path, columns, meta)
+                self.write_shard(path, columns, meta)
                 wrote = True
                 bar.update(stop - start)
                 if rank == 0:
@@ -519,9 +519,10 @@ class TrajectoryCache:
         return stored != meta
 
     @staticmethod
-    def _sample_shard(
+    def sample_columns(
         rows: list[dict], collector: Collector, settings: SamplingSettings, tag: str
     ) -> dict[str, list]:
+        """Sample, score and teacher-force ``rows``: the columns of one shard (``FEATURES``)."""
         k = settings.num_samples
         prompt_ids, completions = collector.sample(rows, k, settings.temperature, tag)
         rewards = [float(r) for r in collector.score(rows, completions, k)]
@@ -550,7 +551,8 @@ class TrajectoryCache:
         }
 
     @staticmethod
-    def _write_shard(path: Path, columns: dict[str, list], meta: dict[str, Any]) -> None:
+    def write_shard(path: Path, columns: dict[str, list], meta: dict[str, Any]) -> None:
+        """Atomically write ``columns`` as parquet with ``meta`` in the footer."""
         table = datasets.Dataset.from_dict(columns, features=FEATURES).data.table
         metadata = {
             **(table.schema.metadata or {}),
@@ -558,6 +560,18 @@ class TrajectoryCache:
         }
         table = table.replace_schema_metadata(metadata)
         _write_atomic(path, lambda f: pq.write_table(table, f))
+
+    @staticmethod
+    def read_shard(path: Path) -> tuple[dict[str, list], dict[str, Any]]:
+        """(columns, footer identity) of one shard written by :meth:`write_shard`."""
+        meta = _shard_meta(path)
+        if meta is None:
+            raise TrajectoryCacheError(f"{path} is missing or not a trajectory shard")
+        try:
+            table = pq.read_table(path).replace_schema_metadata(None)
+        except (OSError, pa.ArrowException) as err:
+            raise TrajectoryCacheError(f"cannot read trajectory shard {path}: {err}") from err
+        return table.to_pydict(), meta
 
     def mark_complete(self, split: str) -> None:
         """Rank 0, after every rank's ``collect``: verify all shards, checksum them, drop strays."""
