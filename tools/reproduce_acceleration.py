@@ -32,8 +32,8 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("full", "random", "pass_rate", "static_influence", "cropi")
-USES_TRAJECTORIES = {"pass_rate", "static_influence", "cropi", "learnability"}
+METHODS = ("full", "random", "pass_rate", "static_influence", "cropi", "cropi_resample")
+USES_TRAJECTORIES = {"pass_rate", "static_influence", "cropi", "cropi_resample", "learnability"}
 STEP_TIMES = ("time/generation_s", "time/reward_and_prep_s", "time/training_s")
 
 
