@@ -35,7 +35,7 @@ from cropi_pl.influence.selection import (
     Selector,
     selection_size,
 )
-from cropi_pl.influence.trajectories import TrajectoryCache
+from cropi_pl.influence.trajectories import TrajectoryCache, pass_rate
 from cropi_pl.policy.build import resolve_model_path
 
 TRAJECTORY_SELECTORS = (InfluenceSelector, PassRateSelector, LearnabilitySelector)
@@ -179,8 +179,7 @@ class CurriculumCallback(L.Callback):
             metrics["curriculum/influence_seconds"] = result.seconds
         if pool_trajs:
             ctx.pass_rate = torch.tensor(
-                [sum(r >= 0.5 for r in t.rewards) / len(t.rewards) for t in pool_trajs],
-                dtype=torch.float32,
+                [pass_rate(t.rewards) for t in pool_trajs], dtype=torch.float32
             )
         selection = self.selector.select(ctx, n)
         selection.stage = stage

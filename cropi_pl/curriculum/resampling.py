@@ -29,7 +29,9 @@ from cropi_pl.influence.trajectories import (
     SamplingSettings,
     TrajectoryCache,
     TrajectoryCacheError,
+    trajectories_from_columns,
 )
+from cropi_pl.sharding import rank_and_world
 
 
 @dataclass
@@ -117,11 +119,7 @@ def stale_prompts(
 
 
 def _as_trajectories(columns: dict[str, list]) -> dict[str, PromptTrajectories]:
-    fields = ("prompt_ids", "completion_ids", "behaviour_logps", "rewards")
-    return {
-        pid: PromptTrajectories(**dict(zip(fields, values, strict=True)))
-        for pid, *values in zip(columns["id"], *(columns[f] for f in fields), strict=True)
-    }
+    return dict(zip(*trajectories_from_columns(columns), strict=True))
 
 
 class ResampledStore:
@@ -184,7 +182,7 @@ class ResampledStore:
         Every rank returns the same rows (gathered); seeds depend on (stage, settings.seed,
         prompt id, sample index) only, so the file does not depend on the number of ranks.
         """
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        rank, world = rank_and_world()
         tag = f"resample|stage={stage}|seed={settings.seed}"
         mine = rows[rank::world]
         columns = TrajectoryCache.sample_columns(mine, collector, settings, tag) if mine else {}

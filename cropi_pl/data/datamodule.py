@@ -20,6 +20,7 @@ from cropi_pl.influence.trajectories import (
     fingerprint_model,
     fingerprint_rows,
 )
+from cropi_pl.sharding import rank_and_world
 from cropi_pl.tasks.loading import load_source
 from cropi_pl.tasks.source import PromptSource
 
@@ -242,7 +243,7 @@ class CurriculumDataModule(L.LightningDataModule):
         self.setup()
         cfg = self.trajectory_settings
         cache = self.trajectory_cache()
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        rank, world = rank_and_world()
         model_fp = fingerprint_model(behaviour)
         for split, (rows, k) in self.trajectory_splits().items():
             collector, settings = self.collector(behaviour, tokenizer, module, k)

@@ -21,6 +21,7 @@ from cropi_pl.influence.popi import (
 )
 from cropi_pl.influence.projection import ProjectionConfig, SparseProjector
 from cropi_pl.influence.selection import cosine_scores, target_mean
+from cropi_pl.sharding import rank_and_world
 
 
 @dataclass
@@ -73,7 +74,7 @@ class InfluenceScorer:
         progress: bool = True,
     ) -> tuple[Tensor, Tensor]:
         """``(vectors (n, k), nonzero (n,))`` for all prompts, computed in rank shares."""
-        rank, world = _rank_world()
+        rank, world = rank_and_world()
         device = next(model.parameters()).device
         grads = POPIGradients(model, self.popi, self.prompts_per_batch, self.method)
         if self._projector is None or self._projector.num_params != grads.num_params:
@@ -136,9 +137,3 @@ class InfluenceScorer:
         if len(candidates) > self.max_target_prompts:
             candidates = random.Random(self.seed).sample(candidates, self.max_target_prompts)
         return candidates
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1

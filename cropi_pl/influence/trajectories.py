@@ -76,6 +76,33 @@ FEATURES = datasets.Features(
 )
 
 
+def pass_rate(rewards: Sequence[float]) -> float:
+    """Fraction of a prompt's stored rewards that count as correct (>= 0.5)."""
+    return sum(r >= 0.5 for r in rewards) / len(rewards)
+
+
+def trajectories_from_columns(
+    columns: dict[str, list],
+) -> tuple[list[str], list[PromptTrajectories]]:
+    """(prompt ids, trajectories) from shard columns (``FEATURES``), in row order."""
+    from cropi_pl.influence.popi import PromptTrajectories
+
+    fields = ("prompt_ids", "completion_ids", "behaviour_logps", "rewards")
+    trajs = [
+        PromptTrajectories(**dict(zip(fields, values, strict=True)))
+        for values in zip(*(columns[f] for f in fields), strict=True)
+    ]
+    return list(columns["id"]), trajs
+
+
+def _read_table(source: Any, path: Path) -> pa.Table:
+    """A parquet table from ``source`` (a path or a buffer) without its footer metadata."""
+    try:
+        return pq.read_table(source).replace_schema_metadata(None)
+    except (OSError, pa.ArrowException) as err:
+        raise TrajectoryCacheError(f"cannot read trajectory shard {path}: {err}") from err
+
+
 class TrajectoryCacheError(RuntimeError):
     """A split that is missing, incomplete or corrupted on disk."""
 
@@ -567,11 +594,7 @@ class TrajectoryCache:
         meta = _shard_meta(path)
         if meta is None:
             raise TrajectoryCacheError(f"{path} is missing or not a trajectory shard")
-        try:
-            table = pq.read_table(path).replace_schema_metadata(None)
-        except (OSError, pa.ArrowException) as err:
-            raise TrajectoryCacheError(f"cannot read trajectory shard {path}: {err}") from err
-        return table.to_pydict(), meta
+        return _read_table(path, path).to_pydict(), meta
 
     def mark_complete(self, split: str) -> None:
         """Rank 0, after every rank's ``collect``: verify all shards, checksum them, drop strays."""
@@ -639,11 +662,7 @@ class TrajectoryCache:
                     f"trajectory shard {path} of split {split!r} is corrupted (checksum differs "
                     "from the manifest); delete it and run the collection again to resample it"
                 )
-            try:
-                table = pq.read_table(pa.BufferReader(data))
-            except (OSError, pa.ArrowException) as err:
-                raise TrajectoryCacheError(f"cannot read trajectory shard {path}: {err}") from err
-            tables.append(table.replace_schema_metadata(None))
+            tables.append(_read_table(pa.BufferReader(data), path))
         table = pa.concat_tables(tables) if tables else FEATURES.arrow_schema.empty_table()
         if table.num_rows != entry["num_prompts"]:
             raise TrajectoryCacheError(
@@ -655,21 +674,13 @@ class TrajectoryCache:
 
     def to_trajectories(self, split: str) -> tuple[list[str], list[PromptTrajectories]]:
         """(prompt ids, stored trajectories) in row order, as the POPI gradient pass takes them."""
-        from cropi_pl.influence.popi import PromptTrajectories
-
-        columns = self.load(split).to_dict()
-        fields = ("prompt_ids", "completion_ids", "behaviour_logps", "rewards")
-        trajs = [
-            PromptTrajectories(**dict(zip(fields, values, strict=True)))
-            for values in zip(*(columns[f] for f in fields), strict=True)
-        ]
-        return columns["id"], trajs
+        return trajectories_from_columns(self.load(split).to_dict())
 
     def pass_rates(self, split: str) -> dict[str, float]:
         """Fraction of each prompt's K stored rewards that count as correct (>= 0.5)."""
         columns = self.load(split).select_columns(["id", "rewards"]).to_dict()
         return {
-            i: sum(r >= 0.5 for r in rewards) / len(rewards)
+            i: pass_rate(rewards)
             for i, rewards in zip(columns["id"], columns["rewards"], strict=True)
         }
 
