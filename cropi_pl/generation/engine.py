@@ -1,7 +1,8 @@
 """The engine interface the GRPO module samples through.
 
 Engines receive token ids and return token ids, so the trainer owns tokenisation and an engine can
-be swapped (HF ``generate`` on any device, vLLM on CUDA) without touching the loss code.
+be swapped (HF ``generate`` on any device, vLLM on CUDA or a CPU build) without touching the loss
+code.
 """
 
 from __future__ import annotations
@@ -12,19 +13,43 @@ from dataclasses import dataclass
 
 from torch import nn
 
+_WEIGHTS_VERSION = "_cropi_weights_version"
+
 
 @dataclass
 class Completion:
-    """One sampled completion; ``truncated`` means no end-of-sequence within the length budget."""
+    """One sampled completion; ``truncated`` means no end-of-sequence within the length budget.
+
+    ``logprobs`` holds the engine's log-probability of each sampled token under the raw model
+    distribution (before temperature and top-p), one per entry of ``ids``, when the engine reports
+    them (vLLM does, HF ``generate`` does not); the trainer compares them with its own to correct
+    an engine-vs-trainer mismatch.
+    """
 
     ids: list[int]
     truncated: bool
+    logprobs: list[float] | None = None
 
 
 def row_seed(*parts: object) -> int:
     """A 63-bit seed that is a pure function of its parts (no salted ``hash``)."""
     digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def mark_weights_updated(model: nn.Module) -> None:
+    """Record that ``model``'s weights changed (call after every optimizer step).
+
+    Engines holding their own copy of the weights (vLLM) push again only when this counter moved,
+    so validation and collection calls between two steps cost no transfer. Parameter version
+    counters alone cannot tell: fused optimizers and bitsandbytes write through ``.data``.
+    """
+    setattr(model, _WEIGHTS_VERSION, weights_version(model) + 1)
+
+
+def weights_version(model: nn.Module) -> int:
+    """How many times :func:`mark_weights_updated` was called on ``model``."""
+    return getattr(model, _WEIGHTS_VERSION, 0)
 
 
 class GenerationEngine(ABC):

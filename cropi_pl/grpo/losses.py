@@ -7,6 +7,7 @@ of averaging per-micro-batch means (which would re-weight sequences by micro-bat
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -15,6 +16,15 @@ import torch
 from torch import Tensor
 
 KLEstimator = Literal["k1", "k2", "k3"]
+ImportanceSamplingMode = Literal[
+    "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"
+]
+IMPORTANCE_SAMPLING_MODES: tuple[str, ...] = (
+    "token_truncate",
+    "token_mask",
+    "sequence_truncate",
+    "sequence_mask",
+)
 LossType = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 LOSS_TYPES: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -126,6 +136,47 @@ def _masked_mean(values: Tensor, keep: Tensor) -> Tensor:
     return values.sum() / keep.sum().clamp(min=1)
 
 
+def engine_importance_weights(
+    trainer_logp: Tensor,
+    engine_logp: Tensor,
+    mask: Tensor,
+    mode: ImportanceSamplingMode = "token_truncate",
+    clip_min: float | None = None,
+    clip_max: float | None = 3.0,
+) -> Tensor:
+    """Per-token weights correcting for sampling with an engine whose numbers differ from ours.
+
+    The engine (vLLM: other kernels, other precision) samples from pi_engine, the loss assumes
+    pi_old (the trainer's log-probs of the same tokens); the ratio ``pi_old / pi_engine`` reweights
+    each token. ``*_truncate`` clamps it to ``[clip_min, clip_max]`` (truncated importance sampling,
+    TIS), ``*_mask`` zeroes it outside that range; ``sequence_*`` uses one ratio per sequence, the
+    product over its tokens. Missing engine log-probs (NaN) count as no mismatch. The names follow
+    TRL's ``vllm_importance_sampling_*`` options (verl calls the cap ``tis_imp_ratio_cap``).
+    Returns a detached ``(B, T)`` tensor, 0 at masked positions.
+    """
+    _check_mask("trainer_logp", trainer_logp, mask)
+    _check_mask("engine_logp", engine_logp, mask)
+    if mode not in IMPORTANCE_SAMPLING_MODES:
+        raise ValueError(
+            f"importance sampling mode must be one of {IMPORTANCE_SAMPLING_MODES}, got {mode!r}"
+        )
+    if clip_min is not None and clip_max is not None and clip_min > clip_max:
+        raise ValueError(f"clip_min ({clip_min}) must not exceed clip_max ({clip_max})")
+    keep = mask.bool()
+    diff = (trainer_logp.detach() - engine_logp.detach()).float()
+    diff = torch.nan_to_num(diff, nan=0.0).masked_fill(~keep, 0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(dim=1, keepdim=True).expand_as(diff)
+    ratio = torch.exp(diff)
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    if mode.endswith("truncate"):
+        ratio = ratio.clamp(min=low, max=high)
+    else:
+        ratio = ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
+    return ratio.masked_fill(~keep, 0.0)
+
+
 @dataclass
 class PolicyLossOutput:
     loss: Tensor
@@ -153,6 +204,7 @@ def policy_loss(
     kl_estimator: KLEstimator = "k3",
     entropy: Tensor | None = None,
     entropy_coef: float = 0.0,
+    importance_weights: Tensor | None = None,
 ) -> PolicyLossOutput:
     """PPO-clipped GRPO surrogate with optional KL penalty and entropy bonus.
 
@@ -160,6 +212,8 @@ def policy_loss(
     ``rho = exp(logp - old_logp)``; asymmetric bounds allow DAPO's clip-higher. Pass
     ``clip_high=math.inf`` and ``clip_low=1`` to disable clipping. ``kl`` and ``entropy`` in the
     output are reported whenever their inputs are given, even with a zero coefficient.
+    ``importance_weights`` (detached, e.g. from :func:`engine_importance_weights`) multiply the
+    clipped surrogate per token, before the KL and entropy terms are added (as TRL does).
     """
     _check_mask("logp", logp, mask)
     _check_mask("old_logp", old_logp, mask)
@@ -177,6 +231,8 @@ def policy_loss(
         _check_mask("ref_logp", ref_logp, mask)
     if entropy is not None:
         _check_mask("entropy", entropy, mask)
+    if importance_weights is not None:
+        _check_mask("importance_weights", importance_weights, mask)
 
     keep = mask.bool()
     # Behaviour log-probs and advantages are constants of the objective: no gradient through them.
@@ -184,6 +240,8 @@ def policy_loss(
     adv = advantages.detach().to(logp.dtype).unsqueeze(1)
     clipped_ratio = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     per_token = -torch.min(ratio * adv, clipped_ratio * adv)
+    if importance_weights is not None:
+        per_token = per_token * importance_weights.detach().to(per_token.dtype)
 
     kl = None
     if ref_logp is not None:

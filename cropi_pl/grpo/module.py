@@ -17,10 +17,17 @@ from torchmetrics import MeanMetric
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cropi_pl.generation import Completion, GenerationEngine, HFGenerateEngine, row_seed
+from cropi_pl.generation.engine import mark_weights_updated
 from cropi_pl.grpo.advantages import group_advantages, zero_std_fraction
-from cropi_pl.grpo.losses import LossType, policy_loss
-from cropi_pl.grpo.rollout import PackedBatch, pack, token_logps
+from cropi_pl.grpo.losses import (
+    ImportanceSamplingMode,
+    LossType,
+    engine_importance_weights,
+    policy_loss,
+)
+from cropi_pl.grpo.rollout import PackedBatch, pack, pack_token_values, token_logps
 from cropi_pl.policy.build import resolve_model_path
+from cropi_pl.policy.quantization import ReferenceQuantization, load_quantized
 from cropi_pl.rewards.base import RewardFunction, combine, safe_rewards
 from cropi_pl.rewards.numeric import ExactNumberReward
 from cropi_pl.sharding import shard_per_layer
@@ -49,6 +56,9 @@ class GRPOModule(L.LightningModule):
         clip_high: PPO upper clip, the ratio is kept below ``1 + clip_high`` (DAPO clip-higher).
         kl_coef: weight of the KL penalty to the frozen reference; 0 loads no reference model.
         kl_estimator: ``k1`` or ``k3`` (low-variance, the paper's) or ``k2``.
+        reference_quantization: load the frozen KL reference in ``8bit`` or ``4bit`` (NF4) with
+            bitsandbytes instead of the training dtype (replicated on every rank, not sharded,
+            not checkpointed: it is rebuilt from ``model``).
         entropy_coef: entropy bonus weight.
         num_iterations: optimizer steps per rollout (mu in the GRPO paper).
         micro_batch_size: sequences per forward/backward (memory knob; does not change the math).
@@ -57,7 +67,17 @@ class GRPOModule(L.LightningModule):
         rewards: reward functions (default: exact numeric match); the first one defines accuracy.
         reward_weights: weights of ``rewards`` (default all 1).
         reward_timeout_s: per-check time bound passed to rewards that support it.
-        engine: generation engine (default: HF ``generate`` with per-row seeded sampling).
+        engine: generation engine (default: HF ``generate`` with per-row seeded sampling;
+            ``cropi_pl.generation.VLLMEngine`` for vLLM, see ``configs/engine/vllm.yaml``).
+        vllm_importance_sampling_correction: reweight each token's surrogate by
+            ``pi_old / pi_engine`` (the trainer's over the engine's log-prob of the sampled token)
+            to correct for the engine's numerical mismatch; needs an engine reporting log-probs
+            (vLLM). Names and defaults follow TRL's ``vllm_importance_sampling_*`` options.
+        vllm_importance_sampling_mode: ``token_truncate`` (TIS: per-token ratio clamped to
+            ``[clip_min, clip_max]``), ``token_mask`` (zeroed outside), ``sequence_truncate``,
+            ``sequence_mask`` (one ratio per sequence).
+        vllm_importance_sampling_clip_max: C_max, the cap of the ratio (``None``: none).
+        vllm_importance_sampling_clip_min: C_min (``None``: no lower bound).
         optimizer: optimizer factory, e.g. ``torch.optim.AdamW`` with ``lr`` in YAML.
         lr_scheduler: optional scheduler factory, stepped every optimizer step.
         eval_num_samples: k for validation; 1 is greedy accuracy, k > 1 samples at
@@ -82,6 +102,7 @@ class GRPOModule(L.LightningModule):
         clip_high: float = 0.2,
         kl_coef: float = 0.0,
         kl_estimator: Literal["k1", "k2", "k3"] = "k3",
+        reference_quantization: ReferenceQuantization | None = None,
         entropy_coef: float = 0.0,
         num_iterations: int = 1,
         micro_batch_size: int = 64,
@@ -91,6 +112,10 @@ class GRPOModule(L.LightningModule):
         reward_weights: list[float] | None = None,
         reward_timeout_s: float | None = None,
         engine: GenerationEngine | None = None,
+        vllm_importance_sampling_correction: bool = False,
+        vllm_importance_sampling_mode: ImportanceSamplingMode = "token_truncate",
+        vllm_importance_sampling_clip_max: float | None = 3.0,
+        vllm_importance_sampling_clip_min: float | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         eval_num_samples: int = 1,
@@ -136,13 +161,20 @@ class GRPOModule(L.LightningModule):
         self.policy.train()  # from_pretrained returns eval mode
         if self.hparams.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
-        if self.hparams.kl_coef > 0:
+        quantization = self.hparams.reference_quantization
+        if self.hparams.kl_coef > 0 and quantization is not None:
+            reference = load_quantized(path, quantization, dtype, self.trainer.strategy.root_device)
+            # Outside the module tree on purpose: the strategy neither moves nor shards it (it is
+            # small and already on its device) and checkpoints leave it out (bitsandbytes 4-bit
+            # weights cannot be loaded back through load_state_dict).
+            object.__setattr__(self, "reference", reference.eval().requires_grad_(False))
+        elif self.hparams.kl_coef > 0:
             self.reference = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
             self.reference.eval().requires_grad_(False)
         if isinstance(self.trainer.strategy, ModelParallelStrategy):
             mesh = self.device_mesh["data_parallel"]
             shard_per_layer(self.policy, mesh)
-            if self.reference is not None:
+            if self.reference is not None and quantization is None:
                 shard_per_layer(self.reference, mesh)
 
     def configure_optimizers(self) -> Any:
@@ -228,13 +260,16 @@ class GRPOModule(L.LightningModule):
         if hp.mask_truncated_completions:
             packed.mask *= (1.0 - truncated)[:, None]
         counts = self._global_counts(packed.mask)
+        engine_logps = self._engine_logps(prompt_ids, completions, packed)
         old_logps = self._frozen_logps(self.policy, packed) if hp.num_iterations > 1 else None
         ref_logps = (
             self._frozen_logps(self.reference, packed) if self.reference is not None else None
         )
         t2 = time.perf_counter()
         steps = [
-            self._optimizer_step(packed, advantages.flatten(), old_logps, ref_logps, counts)
+            self._optimizer_step(
+                packed, advantages.flatten(), old_logps, ref_logps, engine_logps, counts
+            )
             for _ in range(hp.num_iterations)
         ]
         t3 = time.perf_counter()
@@ -271,6 +306,20 @@ class GRPOModule(L.LightningModule):
             counts = counts / world
         return float(counts[0]), max(float(counts[1]), 1.0)
 
+    def _engine_logps(
+        self, prompt_ids: list[list[int]], completions: list[Completion], packed: PackedBatch
+    ) -> Tensor | None:
+        """The engine's log-probs of the sampled tokens laid out like ``packed.mask``, if any."""
+        reported = [c.logprobs is not None for c in completions]
+        if self.hparams.vllm_importance_sampling_correction and not all(reported):
+            raise ValueError(
+                "vllm_importance_sampling_correction needs an engine that reports the sampled "
+                f"tokens' log-probs (VLLMEngine); {type(self.engine).__name__} does not"
+            )
+        if not all(reported):
+            return None
+        return pack_token_values(prompt_ids, [c.logprobs for c in completions], packed.mask.shape)
+
     @torch.no_grad()
     def _frozen_logps(self, model: nn.Module | None, packed: PackedBatch) -> Tensor:
         assert model is not None
@@ -288,6 +337,7 @@ class GRPOModule(L.LightningModule):
         advantages: Tensor,
         old_logps: Tensor | None,
         ref_logps: Tensor | None,
+        engine_logps: Tensor | None,
         counts: tuple[float, float],
     ) -> dict[str, Tensor]:
         """One optimizer step over the rollout; returns this rank's share of the step's stats.
@@ -310,6 +360,22 @@ class GRPOModule(L.LightningModule):
             old = logp.detach() if old_logps is None else old_logps[rows, :width].to(device)
             ref = None if ref_logps is None else ref_logps[rows, :width].to(device)
             mask = part.mask.to(device)
+            weights = None
+            if engine_logps is not None:
+                engine = engine_logps[rows, :width].to(device)
+                keep = mask.bool()
+                gap = (old - engine).abs().nan_to_num(0.0).masked_fill(~keep, 0.0)
+                totals["engine_logp_diff"] += gap.sum() / num_tokens
+                if hp.vllm_importance_sampling_correction:
+                    weights = engine_importance_weights(
+                        old,
+                        engine,
+                        mask,
+                        hp.vllm_importance_sampling_mode,
+                        hp.vllm_importance_sampling_clip_min,
+                        hp.vllm_importance_sampling_clip_max,
+                    )
+                    totals["importance_ratio_mean"] += weights.sum() / num_tokens
             out = policy_loss(
                 logp,
                 old,
@@ -326,6 +392,7 @@ class GRPOModule(L.LightningModule):
                 kl_estimator=hp.kl_estimator,
                 entropy=entropy,
                 entropy_coef=hp.entropy_coef,
+                importance_weights=weights,
             )
             self.manual_backward(out.loss)
             weight = mask.sum() / num_tokens
@@ -338,6 +405,7 @@ class GRPOModule(L.LightningModule):
                 totals["kl"] += out.kl * weight
         totals["grad_norm"] = self._clip_and_norm().to(self.device)
         optimizer.step()
+        mark_weights_updated(self.policy)  # engines holding a weight copy push it again
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()

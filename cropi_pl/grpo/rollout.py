@@ -39,6 +39,19 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) ->
     return PackedBatch(ids, mask)
 
 
+def pack_token_values(
+    prompts: list[list[int]], values: list[list[float]], shape: torch.Size | tuple[int, int]
+) -> Tensor:
+    """Per-completion-token values (e.g. the engine's log-probs) at the positions :func:`pack`
+    marks in its mask; NaN everywhere else."""
+    if len(prompts) != len(values):
+        raise ValueError(f"{len(prompts)} prompts but {len(values)} value lists")
+    out = torch.full(tuple(shape), float("nan"))
+    for i, (p, v) in enumerate(zip(prompts, values, strict=True)):
+        out[i, len(p) - 1 : len(p) + len(v) - 1] = torch.tensor(v, dtype=out.dtype)
+    return out
+
+
 def token_logps(
     model: nn.Module, batch: PackedBatch, entropy: Literal["none", "detached", "grad"] = "none"
 ) -> tuple[Tensor, Tensor | None]:
