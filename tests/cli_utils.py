@@ -19,17 +19,23 @@ def run_cli(
     config: Path = TINY,
     timeout: float = 300,
     check: bool = True,
+    script: Path | None = None,
 ) -> subprocess.CompletedProcess:
     """Run the CLI with every output path redirected under ``run_dir``.
 
     The config's checkpoint directory must be ``runs/test/checkpoints``: it is rewritten here.
+    ``script`` runs a tool taking the CLI's arguments (no subcommand) instead of ``-m cropi_pl``.
     """
     text = config.read_text().replace("runs/test", str(run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     local = run_dir / f"_{config.name}"
     local.write_text(text)
     paths = [f"--trainer.default_root_dir={run_dir}"]
-    cmd = [sys.executable, "-m", "cropi_pl", *args[:1], "--config", str(local), *paths, *args[1:]]
+    if script is None:
+        cmd = [sys.executable, "-m", "cropi_pl", *args[:1], "--config", str(local), *paths]
+        cmd += args[1:]
+    else:
+        cmd = [sys.executable, str(script), "--config", str(local), *paths, *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
