@@ -14,7 +14,7 @@ from cropi_pl.cli import main as cli_main
 from cropi_pl.grpo.rollout import pack, token_logps
 from cropi_pl.policy.build import resolve_model_path
 from cropi_pl.policy.quantization import load_quantized
-from tests.cli_utils import ROOT, TINY
+from tests.cli_utils import ROOT, TINY, run_cli
 
 PATH = resolve_model_path("embedded:tiny")
 ADAMW8BIT = ROOT / "configs" / "optim" / "adamw8bit.yaml"
@@ -164,3 +164,19 @@ def test_cli_adamw8bit_with_4bit_reference_resumes_exactly(tmp_path: Path):
     assert dtypes.count(torch.uint8) == sum(p.numel() >= 4096 for p in _policy().parameters())
     for name, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][name]), name
+
+
+def test_bitsandbytes_optimizer_under_fsdp2_is_refused_clearly(tmp_path: Path):
+    proc = run_cli(
+        "fit",
+        "--config",
+        str(ADAMW8BIT),
+        "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
+        "--trainer.strategy.data_parallel_size=1",
+        "--trainer.strategy.tensor_parallel_size=1",
+        "--trainer.max_steps=1",
+        run_dir=tmp_path,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "cannot step FSDP2-sharded (DTensor) parameters" in proc.stderr

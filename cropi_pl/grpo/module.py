@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -180,6 +181,13 @@ class GRPOModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         assert self.policy is not None
         optimizer = self.optimizer_factory(self.policy.parameters())
+        sharded = any(isinstance(p, DTensor) for p in self.policy.parameters())
+        if sharded and type(optimizer).__module__.startswith("bitsandbytes"):
+            raise ValueError(
+                f"{type(optimizer).__name__} (bitsandbytes) cannot step FSDP2-sharded (DTensor) "
+                "parameters; use it with one device or DDP (configs/strategy/ddp.yaml), or an "
+                "optimizer that supports DTensor under FSDP2 (e.g. torchao.optim.AdamW8bit)"
+            )
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
