@@ -1,4 +1,4 @@
-"""Engine-vs-trainer importance weights (TIS and its masked / sequence variants) by explicit loops."""
+"""Engine-vs-trainer importance weights (TIS, masked and sequence variants) by explicit loops."""
 
 from __future__ import annotations
 
