@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from cropi_pl.cli import main as cli_main
+from cropi_pl.generation import HFGenerateEngine
 from cropi_pl.grpo.losses import (
     IMPORTANCE_SAMPLING_MODES,
     engine_importance_weights,
     policy_loss,
 )
+from cropi_pl.grpo.rollout import pack, token_logps
+from tests.cli_utils import TINY, event_tags
 
 B, T = 5, 6
 
@@ -118,3 +123,58 @@ def test_policy_loss_weighted_by_tis_matches_loop(loss_type: str) -> None:
     torch.testing.assert_close(logp.grad, grad, rtol=1e-12, atol=1e-12)
     # The weights were not all 1: this comparison would catch a loss that ignored them.
     assert (weights[mask] - 1).abs().max() > 0.5
+
+
+class OffsetLogprobEngine(HFGenerateEngine):
+    """HF sampling that reports the policy's own log-probs shifted by ``offset``: a stand-in for
+    an engine whose numbers differ from the trainer's by a known amount."""
+
+    def __init__(self, offset: float = 0.0) -> None:
+        super().__init__()
+        self.offset = offset
+
+    def generate(self, model, prompts, **kwargs):
+        out = super().generate(model, prompts, **kwargs)
+        rows = [p for p in prompts for _ in range(kwargs["num_samples"])]
+        batch = pack(rows, [c.ids for c in out], kwargs["pad_token_id"])
+        with torch.no_grad():
+            logp, _ = token_logps(model, batch)
+        for i, (p, c) in enumerate(zip(rows, out, strict=True)):
+            c.logprobs = (logp[i, len(p) - 1 : len(p) - 1 + len(c.ids)] + self.offset).tolist()
+        return out
+
+
+def _fit(run_dir: Path, *args: str) -> dict[str, list[float]]:
+    run_dir.mkdir(parents=True)
+    config = run_dir / "config.yaml"
+    config.write_text(TINY.read_text().replace("runs/test", str(run_dir)))
+    cli_main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            f"--trainer.default_root_dir={run_dir}",
+            "--trainer.max_steps=2",
+            "--trainer.limit_val_batches=0",
+            *args,
+        ]
+    )
+    return event_tags(run_dir)
+
+
+def test_module_aligns_engine_logprobs_and_applies_tis(tmp_path: Path):
+    """Engine log-probs 0.5 below the trainer's: the logged gap is 0.5 and every token's
+    truncated weight exp(0.5) (below the cap), which needs the packing to align tokens exactly."""
+    tags = _fit(
+        tmp_path / "run",
+        f"--model.init_args.engine={__name__}.OffsetLogprobEngine",
+        "--model.init_args.engine.offset=-0.5",
+        "--model.init_args.vllm_importance_sampling_correction=true",
+    )
+    assert tags["train/engine_logp_diff"] == pytest.approx([0.5, 0.5], abs=1e-4)
+    assert tags["train/importance_ratio_mean"] == pytest.approx([math.exp(0.5)] * 2, rel=1e-4)
+
+
+def test_correction_without_engine_logprobs_is_refused(tmp_path: Path):
+    with pytest.raises(ValueError, match="needs an engine that reports"):
+        _fit(tmp_path / "run", "--model.init_args.vllm_importance_sampling_correction=true")

@@ -50,7 +50,8 @@ def _long_prompts(tokenizer, count: int = 2) -> list[list[int]]:
     """Prompts longer than one 128-token KV block, so a stale prefix cache would show."""
     text = "Q: 12+34=? A: 12+34=46 #### 46\n" * 8
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return [ids[: 130 + 3 * i] + tokenizer("Q: 7*8=?\nA: ")["input_ids"] for i in range(count)]
+    question = tokenizer("Q: 7*8=?\nA: ", add_special_tokens=False)["input_ids"]
+    return [ids[: 130 + 3 * i] + question for i in range(count)]
 
 
 def _sample(engine, model, tokenizer, prompts, seeds, num_samples=2):
@@ -97,14 +98,17 @@ def test_push_after_optimizer_step_gives_logprob_parity(engine, tokenizer):
     prompts = _long_prompts(tokenizer)
     seeds = [11, 12, 13, 14]
     before = _sample(engine, policy, tokenizer, prompts, seeds)
-    assert _max_gap(policy, prompts, before) <= PARITY
-    assert all(c.ids for c in before) and max(len(p) for p in prompts) > 128
+    first = _max_gap(policy, prompts, before)
+    assert first <= PARITY
+    assert all(c.ids for c in before) and min(len(p) for p in prompts) > 128
     old = copy.deepcopy(policy)
     _perturb_and_step(policy, prompts)
     after = _sample(engine, policy, tokenizer, prompts, seeds)
     gap = _max_gap(policy, prompts, after)
     stale = _max_gap(old, prompts, after)
-    print(f"parity before {_max_gap(policy, prompts, before):.2e} after step {gap:.2e}")
+    lengths = [len(p) for p in prompts]
+    print(f"prompt lengths {lengths}: parity at start {first:.2e}, after a step {gap:.2e}, ")
+    print(f"against the stale weights {stale:.2e}")
     assert gap <= PARITY
     assert stale > 100 * PARITY  # the weights did change: stale weights would fail the check
 
@@ -160,7 +164,9 @@ def test_fsdp2_policy_is_gathered_one_parameter_at_a_time(engine, tokenizer):
     assert any(type(p).__name__ == "DTensor" for p in sharded.parameters())
     prompts = _long_prompts(tokenizer)
     out = _sample(engine, sharded, tokenizer, prompts, [5, 6, 7, 8])
-    assert _max_gap(reference, prompts, out) <= PARITY
+    gap = _max_gap(reference, prompts, out)
+    print(f"FSDP2 policy: parity {gap:.2e}")
+    assert gap <= PARITY
 
 
 def test_separate_process_engine_matches_in_process(engine, tokenizer):
@@ -174,7 +180,9 @@ def test_separate_process_engine_matches_in_process(engine, tokenizer):
         _perturb_and_step(policy, prompts)
         after = _sample(separate, policy, tokenizer, prompts, seeds)
         assert separate.num_pushes == 2
-        assert _max_gap(policy, prompts, after) <= PARITY
+        gap = _max_gap(policy, prompts, after)
+        print(f"separate process: start-up {separate.startup_seconds:.1f}s, parity {gap:.2e}")
+        assert gap <= PARITY
         # Same seeds, same weights: the two engines sample the same tokens.
         local = _sample(engine, policy, tokenizer, prompts, seeds)
         assert [c.ids for c in local] == [c.ids for c in after]
