@@ -18,6 +18,7 @@ from typing import Any, Literal, Protocol
 import datasets
 
 from cropi_pl.rewards.numeric import after_hashes, last_boxed
+from cropi_pl.tasks import source
 
 REQUIRED_COLUMNS = ("id", "prompt", "answer", "family", "difficulty")
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -63,7 +64,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-class PromptFile:
+class PromptFile(source.PromptSource):
     """Prompts and gold answers from a local .jsonl/.json/.parquet file or a HF hub dataset.
 
     ``path`` names a hub dataset (loaded with ``split``) unless it is an existing file or ends in
