@@ -187,7 +187,7 @@ def test_separate_process_engine_matches_in_process(engine, tokenizer):
         local = _sample(engine, policy, tokenizer, prompts, seeds)
         assert [c.ids for c in local] == [c.ids for c in after]
     finally:
-        separate.llm.llm_engine.engine_core.shutdown()
+        separate.close()
 
 
 def test_grpo_fit_through_the_cli(tmp_path: Path):

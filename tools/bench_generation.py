@@ -11,9 +11,14 @@ between the engine's sampled-token log-probs and the policy's teacher-forced one
 ``vllm_speedup_vs_hf`` is the compiled vLLM engine's tokens/s over HF's (the project's default,
 per-row seeded) in the same rounds; ``speedup_vs_hf`` gives it for every engine.
 
-Runs where vLLM is installed (on CPU: the environment ``tools/vllm_venv.sh`` builds):
+Runs where vLLM is installed (on CPU: the environment ``tools/vllm_venv.sh`` builds). Each model's
+entry records its own workload and machine load, and a run replaces only the entries of the models
+it ran, so a larger model can run with a smaller workload:
 
-    $(bash tools/vllm_venv.sh)/bin/python tools/bench_generation.py --threads 2 --rounds 3
+    venv=$(bash tools/vllm_venv.sh)
+    $venv/bin/python tools/bench_generation.py --models embedded:tiny
+    $venv/bin/python tools/bench_generation.py --models embedded:smollm2-135m-instruct \
+        --prompts 8 --samples 4 --max-new-tokens 32
 """
 
 from __future__ import annotations
@@ -177,6 +182,7 @@ def bench_model(model: str, config: BenchConfig, engines: tuple[str, ...]) -> di
                 "per_round_range": [min(ratios), max(ratios)],
             }
     return {
+        "config": asdict(config),
         "model_path": path,
         "num_parameters": sum(p.numel() for p in policy.parameters()),
         "prompt_tokens_mean": sum(map(len, prompts)) / len(prompts),
@@ -227,17 +233,21 @@ def main(argv: list[str] | None = None) -> int:
     args, config = parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = str(config.threads)
     torch.set_num_threads(config.threads)  # before vLLM, which forbids changing it afterwards
-    load_before = os.getloadavg()
-    results = {m: bench_model(m, config, tuple(args.engines)) for m in args.models}
+    results = {}
+    for model in args.models:
+        load_before = os.getloadavg()
+        results[model] = bench_model(model, config, tuple(args.engines))
+        results[model]["note"] = args.note
+        results[model]["machine"] = machine_info(config.threads, "transformers", "vllm") | {
+            "load_average_1m_before_after": [load_before[0], os.getloadavg()[0]]
+        }
+    print(format_table(results))
+    previous = json.loads(args.out.read_text())["models"] if args.out.is_file() else {}
+    models = previous | results
     output = {
-        "vllm_speedup_vs_hf": {m: r["vllm_speedup_vs_hf"] for m, r in results.items()},
-        "config": asdict(config) | {"engines": args.engines, "note": args.note},
-        "models": results,
-        "machine": machine_info(config.threads, "transformers", "vllm")
-        | {"load_average_1m_before_after": [load_before[0], os.getloadavg()[0]]},
+        "vllm_speedup_vs_hf": {m: r["vllm_speedup_vs_hf"] for m, r in models.items()},
+        "models": models,
     }
-    table = format_table(results)
-    print(table)
     print("vllm_speedup_vs_hf:", json.dumps(output["vllm_speedup_vs_hf"]))
     with atomic_output_path(args.out) as tmp:
         tmp.write_text(json.dumps(output, indent=2) + "\n")

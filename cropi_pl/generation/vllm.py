@@ -287,6 +287,19 @@ class VLLMEngine(GenerationEngine):
             self.llm.wake_up(tags=["kv_cache"])
             self._asleep = False
 
+    def close(self) -> None:
+        """Shut the engine down (its process too, when separate); the next call builds it anew."""
+        if self.llm is not None:
+            shutdown = getattr(getattr(self.llm.llm_engine, "engine_core", None), "shutdown", None)
+            if shutdown is not None:
+                shutdown()
+            self.llm = None
+            self._pushed = None
+            self._asleep = False
+        if self._config_dir is not None:
+            self._config_dir.cleanup()
+            self._config_dir = None
+
     def sleep(self) -> None:
         """Release vLLM's GPU memory until the next ``generate`` (sleep mode only)."""
         if self.enable_sleep_mode and self.llm is not None and not self._asleep:
