@@ -139,7 +139,8 @@ class GRPOModule(L.LightningModule):
         if self.hparams.kl_coef > 0:
             self.reference = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
             self.reference.eval().requires_grad_(False)
-        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+        strategy = self._trainer.strategy if self._trainer is not None else None  # None: a tool
+        if isinstance(strategy, ModelParallelStrategy):
             mesh = self.device_mesh["data_parallel"]
             shard_per_layer(self.policy, mesh)
             if self.reference is not None:
