@@ -2,16 +2,74 @@
 
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
+from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
+from jsonargparse import Namespace
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from cropi_pl.curriculum.callback import CurriculumCallback
 from cropi_pl.data.datamodule import CurriculumDataModule
 from cropi_pl.grpo.module import GRPOModule
+from cropi_pl.policy.export import HFExport
+
+LOGGER_NAME = "tensorboard"
+CHECKPOINT_DIR = "checkpoints"
 
 
 class CROPICLI(LightningCLI):
-    """LightningCLI with the project's defaults (TensorBoard, overwritable run config)."""
+    """LightningCLI whose run writes everything under ``trainer.default_root_dir``.
+
+    Besides ``trainer``, ``model`` and ``data`` it has three top-level keys, so a config or a
+    method overlay sets one of them without repeating a whole ``trainer.callbacks`` list:
+
+    - ``checkpoint``: a ``ModelCheckpoint`` (``save_last: true``, ``save_top_k: 0``); its
+      ``dirpath`` defaults to ``<default_root_dir>/checkpoints``. Off with
+      ``trainer.enable_checkpointing: false``.
+    - ``curriculum``: an optional ``CurriculumCallback`` (``class_path`` + ``init_args``; a later
+      config's ``init_args`` update the earlier ones).
+    - ``export``: ``HFExport``, the HF folder written at the end of ``fit``
+      (``<default_root_dir>/hf_model``; ``folder: null`` turns it off).
+
+    Without a ``trainer.logger``, TensorBoard logs go to ``<default_root_dir>/tensorboard``.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        parser.add_lightning_class_args(
+            CurriculumCallback, "curriculum", subclass_mode=True, required=False
+        )
+        parser.add_lightning_class_args(HFExport, "export")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        root = Path(config.trainer.default_root_dir or os.getcwd())
+        if config.trainer.logger in (None, True):
+            config.trainer.logger = Namespace(
+                class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                init_args=Namespace(save_dir=str(root), name=LOGGER_NAME, default_hp_metric=False),
+            )
+        if config.checkpoint.dirpath is None:
+            config.checkpoint.dirpath = str(root / CHECKPOINT_DIR)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer with the ``checkpoint``/``curriculum``/``export`` callbacks that are on."""
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        callbacks = [
+            self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys
+        ]
+        checkpointing = config.get("enable_checkpointing") is not False
+        callbacks = [
+            c
+            for c in callbacks
+            if c is not None and (checkpointing or not isinstance(c, ModelCheckpoint))
+        ]
+        return self._instantiate_trainer(config, callbacks)
 
 
 def main(args: list[str] | None = None, run: bool = True) -> CROPICLI:
