@@ -31,17 +31,18 @@ POLICY_PREFIX = "policy."
 
 
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Every tensor of ``model`` whole and on the CPU.
+    """Every tensor of ``model`` whole and on the CPU, tied parameters as one tensor.
 
     Under FSDP2 (DTensor parameters) this gathers the shards: a collective every rank must
     enter; rank 0 receives the tensors, the other ranks an empty dict.
     """
-    if not any(isinstance(p, DTensor) for p in model.parameters()):
-        return {name: t.detach().cpu() for name, t in model.state_dict().items()}
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(model, options=options)
-    # Gathering copies a tied parameter once per name; make the copies one tensor again, so
-    # save_pretrained sees the tie (and writes lm_head once, as for an unsharded model).
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(model, options=options)
+    else:
+        state = {name: t.detach().cpu() for name, t in model.state_dict().items()}
+    # Gathering (or a copy off the GPU) makes one tensor per name; give a tied parameter's
+    # names one tensor again, so save_pretrained sees the tie and writes it once.
     names_by_param: dict[int, list[str]] = defaultdict(list)
     for name, param in model.named_parameters(remove_duplicate=False):
         names_by_param[id(param)].append(name)
