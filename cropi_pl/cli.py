@@ -58,18 +58,30 @@ class CROPICLI(LightningCLI):
             config.checkpoint.dirpath = str(root / CHECKPOINT_DIR)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The trainer with the ``checkpoint``/``curriculum``/``export`` callbacks that are on."""
+        """The trainer with the ``checkpoint``/``curriculum``/``export`` callbacks that are on.
+
+        A ``ModelCheckpoint`` listed in ``trainer.callbacks`` replaces the ``checkpoint`` key's;
+        a ``CurriculumCallback`` there and the ``curriculum`` key together are refused.
+        """
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-        callbacks = [
+        listed = config.get("callbacks") or []
+        listed = listed if isinstance(listed, list) else [listed]
+        keyed = [
             self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys
         ]
-        checkpointing = config.get("enable_checkpointing") is not False
-        callbacks = [
-            c
-            for c in callbacks
-            if c is not None and (checkpointing or not isinstance(c, ModelCheckpoint))
-        ]
-        return self._instantiate_trainer(config, callbacks)
+        keyed = [c for c in keyed if c is not None]
+        if any(isinstance(c, CurriculumCallback) for c in listed) and any(
+            isinstance(c, CurriculumCallback) for c in keyed
+        ):
+            raise ValueError(
+                "two curricula: a CurriculumCallback in trainer.callbacks and the `curriculum` "
+                "key; keep one (the `curriculum` key merges across --config files)"
+            )
+        if config.get("enable_checkpointing") is False or any(
+            isinstance(c, ModelCheckpoint) for c in listed
+        ):
+            keyed = [c for c in keyed if not isinstance(c, ModelCheckpoint)]
+        return self._instantiate_trainer(config, keyed)
 
 
 def main(args: list[str] | None = None, run: bool = True) -> CROPICLI:

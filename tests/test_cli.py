@@ -4,14 +4,16 @@ print_config, resume."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from cropi_pl.cli import main
 from cropi_pl.policy.build import resolve_model_path
-from cropi_pl.policy.export import module_from_checkpoint
+from cropi_pl.policy.export import HFExport, module_from_checkpoint
 from tests.cli_utils import ROOT, TINY, event_tags, fit_in_empty_cwd, policy_state, run_cli
 
 sys.path.insert(0, str(ROOT / "tools"))
@@ -104,6 +106,33 @@ def test_export_refuses_checkpoints_of_other_modules(tmp_path):
         module_from_checkpoint(other)
     with pytest.raises(ValueError, match="no meta.pt"):
         module_from_checkpoint(tmp_path)
+
+
+def test_outputs_default_to_the_run_dir_and_explicit_choices_win(tmp_path):
+    def trainer(*args):
+        cli = main(
+            ["--config", str(TINY), f"--trainer.default_root_dir={tmp_path}", *args], run=False
+        )
+        return cli.trainer
+
+    t = trainer()
+    assert Path(t.logger.save_dir) == tmp_path and t.logger.name == "tensorboard"
+    (ckpt,) = t.checkpoint_callbacks
+    assert Path(ckpt.dirpath) == tmp_path / "checkpoints" and ckpt.save_last and not ckpt.save_top_k
+    (export,) = [c for c in t.callbacks if isinstance(c, HFExport)]
+    assert export.path(t) == tmp_path / "hf_model"
+    assert not trainer("--trainer.enable_checkpointing=false").checkpoint_callbacks
+    own = trainer(
+        "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={tmp_path}/mine"
+    ).checkpoint_callbacks
+    assert [Path(c.dirpath) for c in own] == [tmp_path / "mine"]
+    explicit = trainer(
+        "--trainer.logger=TensorBoardLogger", f"--trainer.logger.save_dir={tmp_path}/tb"
+    ).logger
+    assert Path(explicit.save_dir) == tmp_path / "tb"
+    curriculum = "--curriculum=cropi_pl.curriculum.callback.CurriculumCallback"
+    with pytest.raises(ValueError, match="two curricula"):
+        trainer(curriculum, "--trainer.callbacks+=cropi_pl.curriculum.callback.CurriculumCallback")
 
 
 def test_print_config_and_validate(tmp_path):
