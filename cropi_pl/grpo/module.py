@@ -35,7 +35,8 @@ class GRPOModule(L.LightningModule):
     gradients over micro-batches of ``micro_batch_size`` sequences.
 
     Args:
-        model: HF model folder or hub name, or ``embedded:tiny`` for the shipped CPU policy.
+        model: HF model folder or hub name, ``embedded:tiny`` (the shipped CPU policy) or
+            ``embedded:smollm2-135m-instruct`` (converted once from its GGUF package).
         num_generations: G, completions per prompt.
         max_completion_length: new-token budget per completion.
         temperature: sampling temperature for rollouts.
