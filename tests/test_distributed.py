@@ -13,7 +13,7 @@ def _losses(run_dir, *extra):
         "fit", "--trainer.max_steps=2", "--trainer.val_check_interval=2", *extra, run_dir=run_dir
     )
     tags = event_tags(run_dir)
-    return torch.tensor(tags["train/loss"]), torch.tensor(tags["reward"])
+    return torch.tensor(tags["loss"]), torch.tensor(tags["reward"])
 
 
 @pytest.fixture(scope="module")
