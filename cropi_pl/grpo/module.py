@@ -117,7 +117,8 @@ class GRPOModule(L.LightningModule):
         eval_num_samples: k for validation; 1 is greedy accuracy, k > 1 samples at
             ``eval_temperature`` and also logs pass@k.
         eval_temperature: sampling temperature when ``eval_num_samples > 1``.
-        log_completions_every_n_steps: write a text table of prompts/completions to TensorBoard.
+        log_completions_every_n_steps: write the ``completions`` text table (prompt, completion,
+            each reward, the advantage) to TensorBoard; 0 disables it.
         gradient_checkpointing: trade compute for activation memory.
         seed: base of the per-completion sampling seeds.
     """

@@ -34,7 +34,7 @@ class PromptSource(ABC):
 
 def load_source(source: PromptSource) -> datasets.Dataset:
     """``source.load()``, checked: required columns present, at least one row, ids unique,
-    prompts and answers non-empty strings (errors name the source and the row)."""
+    prompts non-empty strings, answers present (errors name the source and the row)."""
     name = getattr(source, "path", None) or type(source).__name__
     data = source.load()
     missing = [column for column in REQUIRED_COLUMNS if column not in data.column_names]
@@ -43,13 +43,19 @@ def load_source(source: PromptSource) -> datasets.Dataset:
     if len(data) == 0:
         raise ValueError(f"prompt source {name} has no rows")
     columns = data.select_columns(["id", "prompt", "answer"]).to_dict()
-    for column in ("prompt", "answer"):
-        for index, value in enumerate(columns[column]):
-            if not isinstance(value, str) or not value.strip():
-                raise ValueError(
-                    f"prompt source {name} row {index} (id {columns['id'][index]!r}): "
-                    f"{column} must be a non-empty string, got {value!r}"
-                )
+    pairs = zip(columns["prompt"], columns["answer"], strict=True)
+    for index, (prompt, answer) in enumerate(pairs):
+        problem = (
+            f"prompt must be a non-empty string, got {prompt!r}"
+            if not isinstance(prompt, str) or not prompt.strip()
+            else f"answer is empty ({answer!r})"
+            if answer is None or not str(answer).strip()
+            else None
+        )
+        if problem:
+            raise ValueError(
+                f"prompt source {name} row {index} (id {columns['id'][index]!r}): {problem}"
+            )
     counts = Counter(columns["id"])
     duplicates = [key for key, count in counts.items() if count > 1]
     if duplicates:
