@@ -32,6 +32,7 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
+from cropi_pl.policy.embedded import EMBEDDED_GGUF, embedded_model_path
 from cropi_pl.policy.tokenizer import build_tokenizer
 from cropi_pl.tasks.arithmetic import generate_tasks
 
@@ -302,14 +303,22 @@ def embedded_policy_path(name: str = "tiny-policy") -> Path:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """``"embedded:tiny"`` -> the shipped ``tiny-policy`` folder; anything else unchanged."""
+    """An HF folder for ``name_or_path``; hub names and local folders pass through unchanged.
+
+    ``embedded:tiny`` is the shipped ``tiny-policy`` folder; ``embedded:<name>`` for a name in
+    :data:`~cropi_pl.policy.embedded.EMBEDDED_GGUF` (``smollm2-135m-instruct``) is converted from
+    its GGUF package into the user cache on first use.
+    """
     if not name_or_path.startswith(EMBEDDED_PREFIX):
         return name_or_path
     name = name_or_path[len(EMBEDDED_PREFIX) :]
+    if name in EMBEDDED_GGUF:
+        return str(embedded_model_path(name))
     path = embedded_policy_path(f"{name}-policy")
     if not (path / "config.json").is_file():
+        known = ", ".join(f"{EMBEDDED_PREFIX}{n}" for n in ["tiny", *EMBEDDED_GGUF])
         raise FileNotFoundError(
-            f"embedded policy {name_or_path!r} not found at {path}; build it with "
-            f"`python tools/build_policy.py --out {path}`"
+            f"embedded policy {name_or_path!r} not found at {path} (known: {known}); build the "
+            f"shipped one with `python tools/build_policy.py --out {path}`"
         )
     return str(path)

@@ -1,0 +1,73 @@
+"""Atomic folder writes: a folder appears complete under its final name or not at all.
+
+Model folders (the converted embedded model, the HF export at the end of ``fit``) are read by
+other processes and tools; a crash or a full disk mid-write must never leave a half-written
+folder that a later run trusts.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty temporary folder next to ``path``; on success it becomes ``path``.
+
+    The temporary folder lives in the same parent (same file system), so publishing it is one
+    ``os.rename`` after its files are fsynced. An existing ``path`` is renamed aside first and
+    deleted once the new folder is in place (it is put back if that rename fails). On error the
+    temporary folder is removed and ``path`` is left untouched. Concurrent writers of the same
+    ``path`` must be serialised by the caller (a file lock, or one rank writing).
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        _fsync_files(tmp)
+        _publish(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_files(folder: Path) -> None:
+    for file in folder.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def _publish(new: Path, target: Path) -> None:
+    if not target.exists():
+        os.rename(new, target)
+        return
+    aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
+    os.rename(target, aside / "previous")
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(aside / "previous", target)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def remove_leftovers(path: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary folders a killed :func:`atomic_directory` left next to ``path``.
+
+    Only safe while no other process writes ``path`` (hold its lock). Returns what was removed.
+    """
+    target = Path(path)
+    removed = []
+    for pattern in (f".{target.name}.*.tmp", f".{target.name}.*.old"):
+        for leftover in target.parent.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
+            removed.append(leftover)
+    return removed
