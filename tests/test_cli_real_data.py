@@ -92,7 +92,8 @@ def test_chat_template_model_trains_and_cache_records_the_format(tmp_path):
     assert expected.startswith("chat:")
     for split in ("pool", "target/mul"):
         assert manifest["splits"][split]["sampling"]["prompt_format"] == expected
-    stored = TrajectoryCache(tmp_path / "run" / "trajectories").load("pool")[0]
     tokenizer = char_tokenizer(chat_template=True)
-    assert tokenizer.decode(stored["prompt_ids"]).startswith("<bos><|user|>Q: ")
-    assert tokenizer.decode(stored["prompt_ids"]).endswith("\n<|assistant|>")
+    cache = TrajectoryCache(tmp_path / "run" / "trajectories")
+    for split in ("pool", "target/mul"):  # the pool and the influence targets alike
+        text = tokenizer.decode(cache.load(split)[0]["prompt_ids"])
+        assert text.startswith("<bos><|user|>Q: ") and text.endswith("\n<|assistant|>")

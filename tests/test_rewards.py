@@ -437,3 +437,14 @@ def test_combine_matches_explicit_sum() -> None:
         combine(outcomes, weights[:-1])
     with pytest.raises(ValueError, match="lengths"):
         combine([outcomes[0], RewardOutcome([1.0], 0, 0)], [1.0, 1.0])
+
+
+def test_math_verify_does_not_log_its_disabled_timeout_warning(monkeypatch, caplog) -> None:
+    import math_verify.grader
+    import math_verify.parser
+
+    monkeypatch.setattr(math_verify.parser, "TIMEOUT_WARNING_SHOWN", False)
+    monkeypatch.setattr(math_verify.grader, "TIMEOUT_WARNING_SHOWN", False)
+    with caplog.at_level(logging.WARNING):
+        assert score(MathVerifyReward(), ["so \\boxed{3}"], ["3"]) == [1.0]
+    assert "Timeout is disabled" not in caplog.text

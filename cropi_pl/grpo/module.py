@@ -255,23 +255,31 @@ class GRPOModule(L.LightningModule):
         return [p for p in prompts for _ in range(num_samples)], completions
 
     def score(
-        self, rows: list[dict[str, Any]], completions: list[Completion], num_samples: int
+        self,
+        rows: list[dict[str, Any]],
+        completions: list[Completion],
+        num_samples: int,
+        primary_only: bool = False,
     ) -> ScoredBatch:
-        """Every reward function on every completion, through the failure guard."""
+        """Every reward function (only the first, which defines accuracy, with
+        ``primary_only``) on every completion, through the failure guard."""
+        functions = self.rewards[:1] if primary_only else self.rewards
         texts = self.tokenizer.batch_decode([c.ids for c in completions], skip_special_tokens=True)
         flat_rows = [r for r in rows for _ in range(num_samples)]
         prompts = [r["prompt"] for r in flat_rows]
         answers = [str(r["answer"]) for r in flat_rows]
         outcomes = [
             safe_rewards(fn, prompts, texts, answers, flat_rows, self.hparams.reward_timeout_s)
-            for fn in self.rewards
+            for fn in functions
         ]
         per_reward = torch.tensor(
             [[math.nan if v is None else v for v in o.rewards] for o in outcomes],
             dtype=torch.float32,
         ).T
         return ScoredBatch(
-            total=torch.tensor(combine(outcomes, self.reward_weights), dtype=torch.float32),
+            total=torch.tensor(
+                combine(outcomes, self.reward_weights[: len(outcomes)]), dtype=torch.float32
+            ),
             per_reward=per_reward,
             correct=(torch.tensor(outcomes[0].filled(), dtype=torch.float32) >= 0.5).float(),
             texts=texts,
@@ -502,7 +510,7 @@ class GRPOModule(L.LightningModule):
         k = self.hparams.eval_num_samples
         temperature = 0.0 if k == 1 else self.hparams.eval_temperature
         _, completions = self.sample(batch, k, temperature, "eval")
-        correct = self.score(batch, completions, k).correct
+        correct = self.score(batch, completions, k, primary_only=True).correct
         name = self.trainer.datamodule.eval_names[dataloader_idx]
         per_prompt = correct.view(-1, k)
         for i, row in enumerate(batch):
