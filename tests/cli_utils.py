@@ -79,6 +79,21 @@ def event_tags(run_dir: Path) -> dict[str, list[float]]:
     return out
 
 
+def completions_table(run_dir: Path) -> list[list[str]]:
+    """The cells of the last ``completions`` text table logged to TensorBoard under ``run_dir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tables = []
+    for events in sorted(run_dir.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"tensors": 0})
+        acc.Reload()
+        if "completions/text_summary" in acc.Tags()["tensors"]:
+            tables += acc.Tensors("completions/text_summary")
+    assert tables, f"no completions table under {run_dir}"
+    text = tables[-1].tensor_proto.string_val[0].decode()
+    return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in text.splitlines()]
+
+
 def policy_state(ckpt: Path) -> dict[str, torch.Tensor]:
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     return {k: v for k, v in state.items() if k.startswith("policy.")}

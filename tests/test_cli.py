@@ -14,10 +14,40 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from cropi_pl.cli import main
 from cropi_pl.policy.build import resolve_model_path
 from cropi_pl.policy.export import HFExport, module_from_checkpoint
-from tests.cli_utils import ROOT, TINY, event_tags, fit_in_empty_cwd, policy_state, run_cli
+from tests.cli_utils import (
+    ROOT,
+    TINY,
+    completions_table,
+    event_tags,
+    fit_in_empty_cwd,
+    policy_state,
+    run_cli,
+)
 
 sys.path.insert(0, str(ROOT / "tools"))
 import export_hf  # noqa: E402
+
+# Metric names shared with TRL's GRPOTrainer (kl needs a reference model: kl_coef > 0).
+TRL_NAMES = (
+    "reward",
+    "reward_std",
+    "rewards/exact_number/mean",
+    "rewards/exact_number/std",
+    "frac_reward_zero_std",
+    "completions/mean_length",
+    "completions/min_length",
+    "completions/max_length",
+    "completions/clipped_ratio",
+    "completions/mean_terminated_length",
+    "completions/min_terminated_length",
+    "completions/max_terminated_length",
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "clip_ratio/region_mean",
+    "entropy",
+    "loss",
+    "grad_norm",
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +62,15 @@ def test_fit_writes_tensorboard_reward_and_validation(fitted):
     tags = event_tags(run_dir)
     assert "reward" in tags and len(tags["reward"]) == 4
     assert all(0.0 <= r <= 1.0 for r in tags["reward"])
-    for tag in ("val/targeted/accuracy", "train/loss", "train/grad_norm", "completion/length_mean"):
+    assert tags["rewards/exact_number/mean"] == tags["reward"]  # one reward of weight 1
+    for tag in TRL_NAMES + ("val/targeted/accuracy", "accuracy", "learning_rate"):
         assert tag in tags, f"missing {tag}; have {sorted(tags)}"
+    assert "hp_metric" not in tags
+    assert all(0.0 <= v <= 1.0 for v in tags["completions/clipped_ratio"])
+    assert all(v <= 24 for v in tags["completions/max_length"])  # max_completion_length
+    table = completions_table(run_dir)
+    assert table[0] == ["prompt", "completion", "exact_number", "reward", "advantage"]
+    assert len(table) == 2 + 4 * 4  # header, rule, 4 prompts x 4 completions
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
 
 

@@ -18,7 +18,7 @@ def _run(run_dir, *extra):
     )
     tags = event_tags(run_dir)
     exported = load_file(run_dir / "hf_model" / "model.safetensors")
-    return torch.tensor(tags["train/loss"]), torch.tensor(tags["reward"]), exported
+    return torch.tensor(tags["loss"]), torch.tensor(tags["reward"]), exported
 
 
 @pytest.fixture(scope="module")
