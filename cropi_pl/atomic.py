@@ -30,17 +30,23 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
         yield tmp
-        _fsync_files(tmp)
+        _finish_files(tmp)
         _publish(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _fsync_files(folder: Path) -> None:
-    for file in folder.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as handle:
+def _finish_files(folder: Path) -> None:
+    """fsync every file, and give the folder the permissions of a plain ``mkdir``/``open``
+    (``mkdtemp`` makes it private, and safetensors writes 0600), so a shared cache is shared."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        if path.is_file():
+            with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
 
 

@@ -2,16 +2,105 @@
 
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
+from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
+from jsonargparse import Namespace
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from cropi_pl.curriculum.callback import CurriculumCallback
 from cropi_pl.data.datamodule import CurriculumDataModule
 from cropi_pl.grpo.module import GRPOModule
+from cropi_pl.policy.export import HFExport
+from cropi_pl.progress import StepProgressBar
+
+TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
+LOGGER_NAME = "tensorboard"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def _without_hp_metric(logger: Any) -> None:
+    """TensorBoard loggers in the config write no placeholder ``hp_metric`` (-1) scalar."""
+    for entry in logger if isinstance(logger, list) else [logger]:
+        if isinstance(entry, Namespace) and entry.get("class_path") in (
+            TENSORBOARD,
+            "lightning.pytorch.loggers.tensorboard.TensorBoardLogger",
+        ):
+            entry.init_args.default_hp_metric = False
 
 
 class CROPICLI(LightningCLI):
-    """LightningCLI with the project's defaults (TensorBoard, overwritable run config)."""
+    """LightningCLI whose run writes everything under ``trainer.default_root_dir``.
+
+    Besides ``trainer``, ``model`` and ``data`` it has three top-level keys, so a config or a
+    method overlay sets one of them without repeating a whole ``trainer.callbacks`` list:
+
+    - ``checkpoint``: a ``ModelCheckpoint`` (``save_last: true``, ``save_top_k: 0``); its
+      ``dirpath`` defaults to ``<default_root_dir>/checkpoints``. Off with
+      ``trainer.enable_checkpointing: false``.
+    - ``curriculum``: an optional ``CurriculumCallback`` (``class_path`` + ``init_args``; a later
+      config's ``init_args`` update the earlier ones).
+    - ``export``: ``HFExport``, the HF folder written at the end of ``fit``
+      (``<default_root_dir>/hf_model``; ``folder: null`` turns it off).
+
+    Without a ``trainer.logger``, TensorBoard logs go to ``<default_root_dir>/tensorboard``;
+    TensorBoard loggers write no placeholder ``hp_metric``. One step-counting progress bar
+    (:class:`~cropi_pl.progress.StepProgressBar`) unless the config names its own or disables it.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        parser.add_lightning_class_args(
+            CurriculumCallback, "curriculum", subclass_mode=True, required=False
+        )
+        parser.add_lightning_class_args(HFExport, "export")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        root = Path(config.trainer.default_root_dir or os.getcwd())
+        if config.trainer.logger in (None, True):
+            config.trainer.logger = Namespace(
+                class_path=TENSORBOARD,
+                init_args=Namespace(save_dir=str(root), name=LOGGER_NAME),
+            )
+        _without_hp_metric(config.trainer.logger)
+        if config.checkpoint.dirpath is None:
+            config.checkpoint.dirpath = str(root / CHECKPOINT_DIR)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer with the ``checkpoint``/``curriculum``/``export`` callbacks that are on
+        and the progress bar.
+
+        A ``ModelCheckpoint`` listed in ``trainer.callbacks`` replaces the ``checkpoint`` key's;
+        a ``CurriculumCallback`` there and the ``curriculum`` key together are refused.
+        """
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        listed = config.get("callbacks") or []
+        listed = list(listed) if isinstance(listed, list) else [listed]
+        keyed = [
+            self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys
+        ]
+        keyed = [c for c in keyed if c is not None]
+        if any(isinstance(c, CurriculumCallback) for c in listed) and any(
+            isinstance(c, CurriculumCallback) for c in keyed
+        ):
+            raise ValueError(
+                "two curricula: a CurriculumCallback in trainer.callbacks and the `curriculum` "
+                "key; keep one (the `curriculum` key merges across --config files)"
+            )
+        if config.get("enable_checkpointing") is False or any(
+            isinstance(c, ModelCheckpoint) for c in listed
+        ):
+            keyed = [c for c in keyed if not isinstance(c, ModelCheckpoint)]
+        wants_bar = config.get("enable_progress_bar") is not False
+        if wants_bar and not any(isinstance(c, ProgressBar) for c in listed):
+            listed.append(StepProgressBar())
+        return self._instantiate_trainer({**config, "callbacks": listed}, keyed)
 
 
 def main(args: list[str] | None = None, run: bool = True) -> CROPICLI:

@@ -88,3 +88,40 @@ def test_zero_std_fraction_matches_loop() -> None:
     assert zero_std_fraction(torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.0, 0.0]])) == pytest.approx(
         2 / 3
     )
+
+
+def _reference_with_unscorable(rewards: torch.Tensor, scale: str) -> torch.Tensor:
+    """Loops over each group's scorable (non-NaN) rewards; unscorable ones get 0, and so does a
+    group with fewer than 2 scorable rewards (its std is undefined, its centred values 0)."""
+    rows = rewards.tolist()
+    kept_all = [v for row in rows for v in row if not math.isnan(v)]
+    batch_std = _unbiased_std(kept_all) if len(kept_all) > 1 else 0.0
+    out = []
+    for row in rows:
+        kept = [v for v in row if not math.isnan(v)]
+        mean = sum(kept) / len(kept) if kept else 0.0
+        group_std = _unbiased_std(kept) if len(kept) > 1 else 0.0
+        denom = {"group": group_std + EPS, "batch": batch_std + EPS, "none": 1.0}[scale]
+        out.append([0.0 if math.isnan(v) else (v - mean) / denom for v in row])
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_unscorable_completions_are_left_out_and_get_zero(scale: str) -> None:
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    for _ in range(3):
+        rewards = _rewards(gen)
+        rewards[torch.rand(rewards.shape, generator=gen, dtype=torch.float64) < 0.3] = math.nan
+        rewards[0, :] = math.nan  # a group nobody could score
+        rewards[1, 1:] = math.nan  # a group with a single scorable completion
+        got = group_advantages(rewards, scale, eps=EPS)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(
+            got, _reference_with_unscorable(rewards, scale), rtol=1e-10, atol=1e-12
+        )
+        assert (got[0] == 0).all() and (got[1] == 0).all()
+        expected_zero = (
+            sum(len({v for v in row if not math.isnan(v)}) <= 1 for row in rewards.tolist())
+            / rewards.shape[0]
+        )
+        assert zero_std_fraction(rewards) == pytest.approx(expected_zero, abs=1e-7)

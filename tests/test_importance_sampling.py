@@ -145,14 +145,11 @@ class OffsetLogprobEngine(HFGenerateEngine):
 
 
 def _fit(run_dir: Path, *args: str) -> dict[str, list[float]]:
-    run_dir.mkdir(parents=True)
-    config = run_dir / "config.yaml"
-    config.write_text(TINY.read_text().replace("runs/test", str(run_dir)))
     cli_main(
         [
             "fit",
             "--config",
-            str(config),
+            str(TINY),
             f"--trainer.default_root_dir={run_dir}",
             "--trainer.max_steps=2",
             "--trainer.limit_val_batches=0",
@@ -171,8 +168,11 @@ def test_module_aligns_engine_logprobs_and_applies_tis(tmp_path: Path):
         "--model.init_args.engine.offset=-0.5",
         "--model.init_args.vllm_importance_sampling_correction=true",
     )
-    assert tags["train/engine_logp_diff"] == pytest.approx([0.5, 0.5], abs=1e-4)
-    assert tags["train/importance_ratio_mean"] == pytest.approx([math.exp(0.5)] * 2, rel=1e-4)
+    gap = "sampling/sampling_logp_difference"
+    assert tags[f"{gap}/mean"] == pytest.approx([0.5, 0.5], abs=1e-4)
+    assert tags[f"{gap}/max"] == pytest.approx([0.5, 0.5], abs=1e-4)
+    ratio = tags["sampling/importance_sampling_ratio/mean"]
+    assert ratio == pytest.approx([math.exp(0.5)] * 2, rel=1e-4)
 
 
 def test_correction_without_engine_logprobs_is_refused(tmp_path: Path):

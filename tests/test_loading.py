@@ -198,3 +198,130 @@ def test_export_rejects_bad_output(tmp_path: Path) -> None:
     done = export("--out", str(tmp_path / "tasks.csv"))
     assert done.returncode != 0 and "--out must end in" in done.stderr
     assert not (tmp_path / "tasks.csv").exists()
+
+
+def test_one_prompt_source_definition() -> None:
+    import cropi_pl.tasks.loading as loading
+    import cropi_pl.tasks.source as source
+
+    assert not hasattr(loading, "load_source")
+    assert loading.PromptSource is source.PromptSource
+    assert loading.REQUIRED_COLUMNS is source.REQUIRED_COLUMNS
+    assert issubclass(PromptFile, source.PromptSource)
+    assert issubclass(SyntheticTasks, source.PromptSource)
+
+
+def test_extra_columns_are_kept_and_required_ones_converted(tmp_path: Path) -> None:
+    rows = [
+        {**row, "unit": unit, "tags": tags, "id": f"g{i}", "difficulty": f"Level {i + 2}"}
+        for i, (row, unit, tags) in enumerate(
+            zip(GSM8K_ROWS, ["apples", "", "cakes"], [["a"], [], ["b", "c"]], strict=True)
+        )
+    ]
+    path = write_jsonl(tmp_path / "extra.jsonl", rows)
+    data = load_source(PromptFile(str(path), template="Q: {prompt} ({unit})"))
+    assert data.column_names[:5] == ["id", "prompt", "answer", "family", "difficulty"]
+    assert data["unit"] == ["apples", "", "cakes"]
+    assert data["tags"] == [["a"], [], ["b", "c"]]
+    assert data["question"] == [row["question"] for row in GSM8K_ROWS]
+    assert data["answer"] == ["7", "2000", "2.5"]  # the file's "answer" column became the gold
+    assert data["id"] == ["extra-0", "extra-1", "extra-2"]  # no id_field: file column replaced
+    assert data["difficulty"] == [2, 3, 4]  # "Level 2" ...
+    assert data["prompt"][0] == f"Q: {GSM8K_ROWS[0]['question']} (apples)"
+
+
+def test_math_parquet_difficulty_field_and_boxed_instruction(tmp_path: Path) -> None:
+    rows = [
+        {k: v for k, v in row.items() if k != "difficulty"}
+        | {"level": f"Level {row['difficulty']}"}
+        for row in MATH_ROWS
+    ]
+    path = tmp_path / "math.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    template = "{prompt} Put the final answer in \\boxed{{}}."
+    data = load_source(
+        PromptFile(
+            str(path),
+            prompt_field="problem",
+            answer_field="solution",
+            template=template,
+            difficulty_field="level",
+            id_field="uid",
+        )
+    )
+    assert data["difficulty"] == [3, 5]
+    assert data["level"] == ["Level 3", "Level 5"]
+    assert data["solution"] == [row["solution"] for row in MATH_ROWS]
+    assert data["prompt"][1] == "Simplify $\\sqrt{8}$. Put the final answer in \\boxed{}."
+    with pytest.raises(KeyError, match=r"math\.parquet row 0: missing field 'rank'"):
+        PromptFile(
+            str(path), prompt_field="problem", answer_field="solution", difficulty_field="rank"
+        ).load()
+    bad = tmp_path / "bad_level.jsonl"
+    write_jsonl(bad, [{"question": "q", "answer": "#### 1", "difficulty": "hard"}])
+    with pytest.raises(ValueError, match=r"bad_level\.jsonl row 0: difficulty 'hard'"):
+        PromptFile(str(bad)).load()
+
+
+@pytest.mark.parametrize("template", ["{prompt} in \\boxed{}", "{0}: {prompt}", "{prompt} }"])
+def test_template_with_stray_braces_is_refused_at_construction(template: str) -> None:
+    with pytest.raises(ValueError, match=r"literal braces are written \{\{ and \}\}"):
+        PromptFile("any.jsonl", template=template)
+
+
+def test_bad_rows_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "garbled.jsonl"
+    path.write_text('{"question": "q", "answer": "#### 1"}\n{not json\n')
+    with pytest.raises(ValueError, match=r"cannot read prompt file .*garbled\.jsonl"):
+        PromptFile(str(path)).load()
+
+    class EmptyPrompt(SyntheticTasks):
+        def load(self) -> datasets.Dataset:
+            data = super().load().to_list()
+            data[2]["prompt"] = "  "
+            return datasets.Dataset.from_list(data)
+
+    source = EmptyPrompt(families=["add"], difficulties=[1], num_per_cell=4)
+    with pytest.raises(ValueError, match=r"EmptyPrompt row 2 \(id 'add-1-.*'\): prompt must be"):
+        load_source(source)
+
+    class NoAnswer(SyntheticTasks):
+        def load(self) -> datasets.Dataset:
+            data = super().load().to_list()
+            data[1]["answer"] = None
+            return datasets.Dataset.from_list(data)
+
+    with pytest.raises(ValueError, match=r"NoAnswer row 1 \(id .*\): answer is empty \(None\)"):
+        load_source(NoAnswer(families=["add"], difficulties=[1], num_per_cell=4))
+
+
+def test_prompt_file_and_user_source_from_yaml(tmp_path: Path) -> None:
+    """The README's real-data YAML parses and instantiates through the real CLI parser."""
+    from cropi_pl.cli import main
+
+    path = write_jsonl(tmp_path / "gsm.jsonl", GSM8K_ROWS)
+    pool = {
+        "class_path": "cropi_pl.tasks.loading.PromptFile",
+        "init_args": {
+            "path": str(path),
+            "answer_format": "gsm8k",
+            "template": "Question: {prompt}\nAnswer:",
+        },
+    }
+    user = {"class_path": "tests.plugins.UserPrompts", "init_args": {"offset": 3}}
+    cli = main(
+        [
+            "--config",
+            str(REPO / "tests" / "configs" / "tiny_test.yaml"),
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--data.init_args.pool={json.dumps(pool)}",
+            f"--data.init_args.eval_sets={json.dumps({'user': user})}",
+        ],
+        run=False,
+    )
+    dm = cli.datamodule
+    assert type(dm.pool_source) is PromptFile and dm.pool_source.answer_format == "gsm8k"
+    dm.setup("fit")
+    assert dm.pool["answer"] == ["7", "2000", "2.5"]
+    assert dm.eval_data["user"]["unit"] == ["", "apples", "", "apples"]
+    assert dm.eval_data["user"]["prompt"][0] == "Q: 3+1\nA: "

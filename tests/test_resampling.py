@@ -26,6 +26,7 @@ from cropi_pl.influence.trajectories import (
     SamplingSettings,
     TrajectoryCacheError,
 )
+from cropi_pl.policy.prompting import PromptEncoder
 from tests.models import tiny_char_llama, tiny_llama
 from tests.test_trajectories import SETTINGS, FakePolicy, make_rows
 
@@ -164,7 +165,7 @@ def test_fresh_rows_carry_the_sampling_policys_log_probs(tmp_path):
     model = tiny_char_llama(random.randrange(10_000))
     settings = SamplingSettings(num_samples=3, temperature=1.0, top_p=1.0, max_new_tokens=5, seed=1)
     collector = Collector.for_model(
-        model, tokenizer, HFGenerateEngine(), ExactNumberReward(), settings
+        model, PromptEncoder(tokenizer), HFGenerateEngine(), ExactNumberReward(), settings
     )
     rows = [{"id": f"q{i}", "prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(3)]
     fresh = ResampledStore(tmp_path).resample(1, rows, collector, settings)

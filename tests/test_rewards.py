@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import random
@@ -24,6 +25,7 @@ from cropi_pl.rewards import (
     combine,
     deadline,
     extract_answer,
+    reward_name,
     safe_rewards,
 )
 from cropi_pl.rewards.numeric import last_boxed, parse_number
@@ -264,56 +266,159 @@ def test_deadline_not_enforced_off_main_thread() -> None:
     assert seen == [False]
 
 
+def _flaky_values(completions: list[str]) -> list[float | None]:
+    """Length of the completion, except: raises on "boom", NaN on "nan", hangs on "hang",
+    None (not applicable) on "skip"."""
+    out: list[float | None] = []
+    for text in completions:
+        if text == "boom":
+            raise RuntimeError("bad completion")
+        if text == "hang":
+            _spin(60)
+        out.append(math.nan if text == "nan" else None if text == "skip" else float(len(text)))
+    return out
+
+
 class Flaky(RewardFunction):
-    """Length of the completion, except: raises on "boom", NaN on "nan", hangs on "hang"."""
+    """The RewardFunction kind of :func:`_flaky_values`."""
 
     name = "flaky"
 
     def __call__(self, prompts, completions, answers, rows):
-        out = []
-        for text in completions:
-            if text == "boom":
-                raise RuntimeError("bad completion")
-            if text == "hang":
-                _spin(60)
-            out.append(math.nan if text == "nan" else float(len(text)))
-        return out
+        return _flaky_values(completions)
 
 
-def test_safe_rewards_isolates_one_failure() -> None:
+def flaky(prompts, completions, **kwargs):
+    """The plain-function kind (TRL's keyword convention) of :func:`_flaky_values`."""
+    return _flaky_values(completions)
+
+
+class ShortFn:
+    """A callable class that is not a RewardFunction: called with keyword arguments."""
+
+    def __call__(self, completions, **kwargs):
+        return [1.0] * (len(completions) - 1)
+
+
+BOTH_KINDS = pytest.mark.parametrize("fn", [Flaky(), flaky], ids=["subclass", "function"])
+
+
+@BOTH_KINDS
+def test_safe_rewards_isolates_one_failure(fn) -> None:
     completions = ["a", "bb", "boom", "dddd"]
-    outcome = safe_rewards(Flaky(), completions, completions, ["x"] * 4, [{}] * 4)
+    outcome = safe_rewards(fn, completions, completions, ["x"] * 4, [{}] * 4)
     assert outcome == RewardOutcome(rewards=[1.0, 2.0, 0.0, 4.0], failures=1, timeouts=0)
 
 
-def test_safe_rewards_nonfinite_and_timeout() -> None:
+@BOTH_KINDS
+def test_safe_rewards_nonfinite_and_timeout(fn) -> None:
     completions = ["a", "nan", "hang", "ccc"]
     start = time.monotonic()
-    outcome = safe_rewards(Flaky(), completions, completions, ["x"] * 4, [{}] * 4, timeout_s=0.2)
+    outcome = safe_rewards(fn, completions, completions, ["x"] * 4, [{}] * 4, timeout_s=0.2)
     assert time.monotonic() - start < 0.2 * 5 + 1.0
     assert outcome == RewardOutcome(rewards=[1.0, 0.0, 0.0, 3.0], failures=1, timeouts=1)
 
 
-def test_safe_rewards_wrong_length_zeroes_all(caplog: pytest.LogCaptureFixture) -> None:
+@BOTH_KINDS
+def test_safe_rewards_keeps_none_and_it_is_no_failure(fn) -> None:
+    completions = ["a", "skip", "boom", "skip"]
+    outcome = safe_rewards(fn, completions, completions, ["x"] * 4, [{}] * 4)
+    assert outcome == RewardOutcome(rewards=[1.0, None, 0.0, None], failures=1, timeouts=0)
+    assert outcome.filled() == [1.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("kind", ["subclass", "callable class"])
+def test_safe_rewards_wrong_length_zeroes_all(kind: str, caplog: pytest.LogCaptureFixture) -> None:
     class Short(RewardFunction):
         name = "short_reward"
 
         def __call__(self, prompts, completions, answers, rows):
             return [1.0] * (len(completions) - 1)
 
+    fn = Short() if kind == "subclass" else ShortFn()
     with caplog.at_level(logging.WARNING):
-        outcome = safe_rewards(Short(), ["p"] * 3, ["a", "b", "c"], ["x"] * 3, [{}] * 3)
+        outcome = safe_rewards(fn, ["p"] * 3, ["a", "b", "c"], ["x"] * 3, [{}] * 3)
     assert outcome == RewardOutcome(rewards=[0.0] * 3, failures=3, timeouts=0)
-    assert "short_reward" in caplog.text
+    assert ("short_reward" if kind == "subclass" else "ShortFn") in caplog.text
 
 
-def test_safe_rewards_passes_good_values_through_and_checks_alignment() -> None:
+@BOTH_KINDS
+def test_safe_rewards_passes_good_values_through_and_checks_alignment(fn) -> None:
     rng = random.Random()
     completions = ["x" * rng.randint(0, 20) for _ in range(10)]
-    outcome = safe_rewards(Flaky(), completions, completions, ["a"] * 10, [{}] * 10, timeout_s=5)
+    outcome = safe_rewards(fn, completions, completions, ["a"] * 10, [{}] * 10, timeout_s=5)
     assert outcome == RewardOutcome([float(len(c)) for c in completions], 0, 0)
     with pytest.raises(ValueError, match="rows"):
-        safe_rewards(Flaky(), ["a"], ["a"], ["x"], [])
+        safe_rewards(fn, ["a"], ["a"], ["x"], [])
+
+
+def test_plain_function_gets_trl_keywords_and_every_column() -> None:
+    seen: dict = {}
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return [0.5] * len(kwargs["completions"])
+
+    rng = random.Random()
+    rows = [
+        {
+            "id": f"q{i}",
+            "prompt": f"P{i}",
+            "answer": str(i),
+            "family": rng.choice(["add", "mul"]),
+            "difficulty": rng.randint(1, 4),
+            "unit": rng.choice(["", "kg"]),
+            "tags": [i],
+        }
+        for i in range(3)
+    ]
+    flat = [r for r in rows for _ in range(2)]  # K = 2 completions per prompt
+    completions = [f"c{j}" for j in range(6)]
+    prompts = [r["prompt"] for r in flat]
+    answers = [r["answer"] for r in flat]
+    outcome = safe_rewards(spy, prompts, completions, answers, flat)
+    assert outcome.rewards == [0.5] * 6
+    expected = {"prompts": prompts, "completions": completions, "answers": answers}
+    for column in ("id", "answer", "family", "difficulty", "unit", "tags"):
+        expected[column] = [r[column] for r in flat]
+    assert seen == expected  # "prompt" is what `prompts` carries; it is not passed twice
+
+
+def test_reward_names() -> None:
+    class Unnamed(RewardFunction):
+        def __call__(self, prompts, completions, answers, rows):
+            return [0.0] * len(completions)
+
+    assert reward_name(ExactNumberReward()) == "exact_number"
+    assert reward_name(Unnamed()) == "Unnamed"
+    assert reward_name(flaky) == "flaky"
+    assert reward_name(functools.partial(flaky, scale=2)) == "flaky"
+    assert reward_name(ShortFn()) == "ShortFn"
+
+
+def _combine_reference(values: list[list[float | None]], weights: list[float]) -> list[float]:
+    out = []
+    for i in range(len(values[0])):
+        applied = [(w, v[i]) for w, v in zip(weights, values, strict=True) if v[i] is not None]
+        out.append(sum(w * x for w, x in applied) if applied else math.nan)
+    return out
+
+
+def test_combine_skips_none_and_marks_all_none_unscorable() -> None:
+    rng = random.Random()
+    n, k = 40, 3
+    values = [
+        [None if rng.random() < 0.4 else rng.uniform(-1, 1) for _ in range(n)] for _ in range(k)
+    ]
+    values[0][0] = values[1][0] = values[2][0] = None  # at least one unscorable completion
+    weights = [rng.uniform(0, 2) for _ in range(k)]
+    got = combine([RewardOutcome(v, 0, 0) for v in values], weights)
+    want = _combine_reference(values, weights)
+    assert math.isnan(got[0])
+    assert [math.isnan(x) for x in got] == [math.isnan(x) for x in want]
+    assert [x for x in got if not math.isnan(x)] == pytest.approx(
+        [x for x in want if not math.isnan(x)], abs=1e-12
+    )
 
 
 def test_combine_matches_explicit_sum() -> None:
@@ -332,3 +437,14 @@ def test_combine_matches_explicit_sum() -> None:
         combine(outcomes, weights[:-1])
     with pytest.raises(ValueError, match="lengths"):
         combine([outcomes[0], RewardOutcome([1.0], 0, 0)], [1.0, 1.0])
+
+
+def test_math_verify_does_not_log_its_disabled_timeout_warning(monkeypatch, caplog) -> None:
+    import math_verify.grader
+    import math_verify.parser
+
+    monkeypatch.setattr(math_verify.parser, "TIMEOUT_WARNING_SHOWN", False)
+    monkeypatch.setattr(math_verify.grader, "TIMEOUT_WARNING_SHOWN", False)
+    with caplog.at_level(logging.WARNING):
+        assert score(MathVerifyReward(), ["so \\boxed{3}"], ["3"]) == [1.0]
+    assert "Timeout is disabled" not in caplog.text

@@ -52,10 +52,10 @@ def test_config_parses_with_the_papers_settings(monkeypatch, model: str, method:
     assert module.optimizer.init_args.lr == 1e-6
     assert (module.kl_coef, module.kl_estimator, module.entropy_coef) == (0.001, "k3", 0.001)
     assert (data.batch_size, module.num_generations, module.num_iterations) == (128, 8, 1)
-    callbacks = [c.class_path.rsplit(".", 1)[-1] for c in trainer.callbacks]
-    assert ("CurriculumCallback" in callbacks) == (method == "cropi")
+    assert module.prompt_format == "chat"
+    assert (config.curriculum is not None) == (method == "cropi")
     if method == "cropi":
-        curriculum = trainer.callbacks[callbacks.index("CurriculumCallback")].init_args
+        curriculum = config.curriculum.init_args
         assert curriculum.ratio == 0.1 and curriculum.projection.dim == 32768
         assert data.trajectories.pool_samples == 8 and data.trajectories.target_samples == 32
         assert data.trajectories.temperature == 0.5

@@ -23,6 +23,7 @@ from cropi_pl.influence.trajectories import (
     fingerprint_rows,
     seed_tag,
 )
+from cropi_pl.policy.prompting import PromptEncoder
 from tests.models import tiny_llama
 
 VOCAB = 40
@@ -381,7 +382,9 @@ def test_real_tiny_llama_collection(tmp_path: Path) -> None:
     rows = generate_tasks(families=("add",), difficulties=(1,), num_per_cell=2, split="validation")
     settings = SamplingSettings(num_samples=2, temperature=1.0, top_p=0.9, max_new_tokens=6, seed=3)
     reward = ExactNumberReward()
-    collector = Collector.for_model(model, tokenizer, HFGenerateEngine(), reward, settings)
+    collector = Collector.for_model(
+        model, PromptEncoder(tokenizer), HFGenerateEngine(), reward, settings
+    )
     cache = TrajectoryCache(tmp_path)
     args = (settings, fingerprint_model(model), fingerprint_rows(rows))
     cache.collect("val", rows, collector, *args, shard_size=1, progress=True)

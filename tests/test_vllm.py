@@ -202,9 +202,9 @@ def test_grpo_fit_through_the_cli(tmp_path: Path):
         timeout=600,
     )
     tags = event_tags(tmp_path)
-    gaps = tags["train/engine_logp_diff"]
+    gaps = tags["sampling/sampling_logp_difference/max"]
     assert len(gaps) == 4 and max(gaps) <= PARITY
-    assert all(abs(r - 1) <= 1e-3 for r in tags["train/importance_ratio_mean"])
+    assert all(abs(r - 1) <= 1e-3 for r in tags["sampling/importance_sampling_ratio/mean"])
     assert "val/targeted/accuracy" in tags
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
 

@@ -66,9 +66,9 @@ def encode_prompts(tokenizer: Any, count: int, seed: int) -> list[list[int]]:
     rows = generate_tasks(split="test", num_per_cell=2, seed=seed).shuffle(seed=seed)
     texts = rows["prompt"][:count]
     if getattr(tokenizer, "chat_template", None):
-        return [
+        texts = [
             tokenizer.apply_chat_template(
-                [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True
+                [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False
             )
             for t in texts
         ]

@@ -236,8 +236,10 @@ def make_workload(model: nn.Module, tokenizer: Any, config: BenchConfig) -> Work
         fingerprint_model,
         fingerprint_rows,
     )
+    from cropi_pl.policy.prompting import PromptEncoder
     from cropi_pl.rewards.numeric import ExactNumberReward
 
+    encoder = PromptEncoder(tokenizer)  # the product's default prompt format ("auto")
     splits = {
         "pool": (_rows(config, "train", config.pool_size, None), config.pool_samples),
         "target": (
@@ -251,10 +253,15 @@ def make_workload(model: nn.Module, tokenizer: Any, config: BenchConfig) -> Work
         loaded: dict[str, tuple[list[str], list[PromptTrajectories]]] = {}
         for split, (rows, k) in splits.items():
             settings = SamplingSettings(
-                k, config.temperature, 1.0, config.max_new_tokens, config.seed
+                k,
+                config.temperature,
+                1.0,
+                config.max_new_tokens,
+                config.seed,
+                encoder.fingerprint(),
             )
             collector = Collector.for_model(
-                model, tokenizer, HFGenerateEngine(), ExactNumberReward(), settings
+                model, encoder, HFGenerateEngine(), ExactNumberReward(), settings
             )
             cache.collect(
                 split, rows, collector, settings, model_fp, fingerprint_rows(rows), rebuild=True

@@ -98,7 +98,7 @@ for name in sys.argv[2:]:
             values.setdefault(tag, []).extend(e.value for e in acc.Scalars(tag))
     if not values:
         print(f"{name}: no metrics"); continue
-    keys = ["train/loss", "reward", "train/engine_logp_diff", "time/generation_s",
+    keys = ["loss", "reward", "sampling/sampling_logp_difference/max", "time/generation_s",
             "time/training_s", "val/targeted/accuracy"]
     parts = []
     for key in keys:

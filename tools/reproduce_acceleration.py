@@ -50,38 +50,30 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
-def overlay(
+def config_args(
     method: str, run_dir: Path, cache_dir: Path, args: argparse.Namespace, seed: int
-) -> Path:
-    """A per-run YAML: the method's callbacks, no checkpoints, outputs under ``run_dir``."""
-    spec = yaml.safe_load((ROOT / "configs" / "method" / f"{method}.yaml").read_text())
-    callbacks = [
-        c for c in spec["trainer"]["callbacks"] if "ModelCheckpoint" not in c["class_path"]
-    ]
-    for c in callbacks:
-        c["init_args"]["stage_steps"] = args.stage_steps
-        c["init_args"]["progress"] = False
+) -> list[str]:
+    """``--config`` arguments of one run: the base config, the method's overlay, then a per-run
+    overlay (seed, step budget, no checkpoints or export, everything under ``run_dir``)."""
     config = {
         "seed_everything": seed,
         "trainer": {
             "default_root_dir": str(run_dir),
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(run_dir), "name": "grpo"},
-            },
-            "callbacks": callbacks,
             "enable_checkpointing": False,
             "enable_progress_bar": False,
             "max_steps": args.steps,
             "val_check_interval": args.val_every,
         },
+        "curriculum": {"init_args": {"stage_steps": args.stage_steps, "progress": False}},
+        "export": {"folder": None},
         "model": {"init_args": {"seed": seed}},
         "data": {"init_args": {"seed": seed, "trajectories": {"cache_dir": str(cache_dir)}}},
     }
     path = run_dir / "overlay.yaml"
     run_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    method_config = ROOT / "configs" / "method" / f"{method}.yaml"
+    return ["--config", args.config, "--config", str(method_config), "--config", str(path)]
 
 
 def run(cmd: list[str], log: Path, threads: int | None = None) -> float:
@@ -229,8 +221,8 @@ def main() -> None:
     def validate_start(seed: int) -> dict[str, float]:
         """Accuracy of the starting policy with this seed's evaluation samples (step 0)."""
         base_dir = runs / f"base-seed{seed}"
-        path = overlay("full", base_dir, cache, args, seed)
-        cmd = [py, "-m", "cropi_pl", "validate", "--config", args.config, "--config", str(path)]
+        configs = config_args("full", base_dir, cache, args, seed)
+        cmd = [py, "-m", "cropi_pl", "validate", *configs]
         run(cmd, base_dir / "log.txt", args.threads)
         tags = scalars(base_dir)
         return {k: tags[f"val/{k}/accuracy"][-1][1] for k in ("targeted", "untargeted")}
@@ -242,19 +234,14 @@ def main() -> None:
             f"starting policy, seed {seed}: targeted {b['targeted']:.3f}, "
             f"untargeted {b['untargeted']:.3f}"
         )
-    base_overlay = runs / f"base-seed{args.seeds[0]}" / "overlay.yaml"
+    base_configs = config_args(
+        "full", runs / f"base-seed{args.seeds[0]}", cache, args, args.seeds[0]
+    )
 
     collection_s = 0.0
     if USES_TRAJECTORIES & set(args.methods):
         collection_s = run(
-            [
-                py,
-                "tools/collect_trajectories.py",
-                "--config",
-                args.config,
-                "--config",
-                str(base_overlay),
-            ],
+            [py, "tools/collect_trajectories.py", *base_configs],
             runs / "collect_log.txt",
             args.threads,
         )
@@ -263,9 +250,9 @@ def main() -> None:
     def one(method: str, seed: int) -> tuple[str, int, dict]:
         run_dir = runs / f"{method}-seed{seed}"
         shutil.rmtree(run_dir, ignore_errors=True)
-        path = overlay(method, run_dir, cache, args, seed)
+        configs = config_args(method, run_dir, cache, args, seed)
         seconds = run(
-            [py, "-m", "cropi_pl", "fit", "--config", args.config, "--config", str(path)],
+            [py, "-m", "cropi_pl", "fit", *configs],
             run_dir / "log.txt",
             args.threads,
         )

@@ -21,8 +21,7 @@ from cropi_pl.influence.trajectories import (
     fingerprint_rows,
 )
 from cropi_pl.sharding import rank_and_world
-from cropi_pl.tasks.loading import load_source
-from cropi_pl.tasks.source import PromptSource
+from cropi_pl.tasks.source import PromptSource, load_source
 
 
 @dataclass
@@ -220,13 +219,16 @@ class CurriculumDataModule(L.LightningDataModule):
         self, policy: Any, tokenizer: Any, module: Any, k: int
     ) -> tuple[Collector, SamplingSettings]:
         """A collector sampling ``k`` responses per prompt from ``policy`` with the cache's
-        settings; ``module`` supplies the engine, rewards and length budget."""
+        settings; ``module`` supplies the prompt format, engine, rewards and length budget."""
         cfg = self.trajectory_settings
         max_new = cfg.max_new_tokens or module.hparams.max_completion_length
-        settings = SamplingSettings(k, cfg.temperature, cfg.top_p, max_new, cfg.seed)
+        encoder = module.prompt_encoder(tokenizer)
+        settings = SamplingSettings(
+            k, cfg.temperature, cfg.top_p, max_new, cfg.seed, encoder.fingerprint()
+        )
         collector = Collector.for_model(
             policy,
-            tokenizer,
+            encoder,
             module.engine,
             module.rewards[0],
             settings,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning as L
@@ -28,10 +30,55 @@ from cropi_pl.grpo.losses import (
 )
 from cropi_pl.grpo.rollout import PackedBatch, pack, pack_token_values, token_logps
 from cropi_pl.policy.build import resolve_model_path
+from cropi_pl.policy.prompting import PromptEncoder, PromptFormat
 from cropi_pl.policy.quantization import ReferenceQuantization, load_quantized
-from cropi_pl.rewards.base import RewardFunction, combine, safe_rewards
+from cropi_pl.rewards.base import (
+    RewardCallable,
+    RewardFunction,
+    combine,
+    reward_name,
+    safe_rewards,
+)
 from cropi_pl.rewards.numeric import ExactNumberReward
 from cropi_pl.sharding import shard_per_layer
+
+TABLE_PROMPTS = 4  # prompts (with all their completions) in the TensorBoard completions table
+
+
+@dataclass
+class ScoredBatch:
+    """Rewards of ``N`` completions: ``total`` is the weighted combination (NaN where every
+    reward returned None), ``per_reward`` (N, R) each function's values (NaN for None),
+    ``correct`` the primary reward >= 0.5 (None counts as wrong), ``texts`` the decoded
+    completions, and per-reward guard counts."""
+
+    total: Tensor
+    per_reward: Tensor
+    correct: Tensor
+    texts: list[str]
+    failures: list[int]
+    timeouts: list[int]
+
+
+def _nan_mean_std(values: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and unbiased std over the non-NaN entries (NaN mean if none, std 0 below two)."""
+    kept = values[~values.isnan()]
+    std = kept.std() if kept.numel() > 1 else values.new_zeros(())
+    return (kept.mean() if kept.numel() else values.new_tensor(math.nan)), std
+
+
+def _unique_names(names: list[str]) -> list[str]:
+    """``names`` with repeats suffixed ``_2``, ``_3``, ... so each reward's metrics stay apart."""
+    seen: dict[str, int] = defaultdict(int)
+    out = []
+    for name in names:
+        seen[name] += 1
+        out.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return out
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 class GRPOModule(L.LightningModule):
@@ -43,7 +90,8 @@ class GRPOModule(L.LightningModule):
     gradients over micro-batches of ``micro_batch_size`` sequences.
 
     Args:
-        model: HF model folder or hub name, or ``embedded:tiny`` for the shipped CPU policy.
+        model: HF model folder or hub name, ``embedded:tiny`` (the shipped CPU policy) or
+            ``embedded:smollm2-135m-instruct`` (converted once from its GGUF package).
         num_generations: G, completions per prompt.
         max_completion_length: new-token budget per completion.
         temperature: sampling temperature for rollouts.
@@ -65,9 +113,16 @@ class GRPOModule(L.LightningModule):
         micro_batch_size: sequences per forward/backward (memory knob; does not change the math).
         mask_truncated_completions: drop completions that hit the length budget from the loss.
         max_grad_norm: gradient clipping by global norm; ``None`` disables.
-        rewards: reward functions (default: exact numeric match); the first one defines accuracy.
-        reward_weights: weights of ``rewards`` (default all 1).
-        reward_timeout_s: per-check time bound passed to rewards that support it.
+        rewards: reward functions (default: exact numeric match): ``RewardFunction`` subclasses by
+            ``class_path``, or plain functions by import path called TRL-style with keyword
+            arguments (``cropi_pl.rewards.base``); the first one defines accuracy and fills the
+            trajectory cache.
+        reward_weights: weights of ``rewards`` (default all 1); a None reward adds nothing.
+        reward_timeout_s: wall-clock bound on each reward call (the failure guard's deadline).
+        prompt_format: ``auto`` (the tokenizer's chat template if it has one), ``chat`` or
+            ``plain`` (``cropi_pl.policy.prompting``); used identically for rollouts,
+            evaluation and the trajectory cache.
+        system_prompt: system message of the chat format (a preamble in plain format).
         engine: generation engine (default: HF ``generate`` with per-row seeded sampling;
             ``cropi_pl.generation.VLLMEngine`` for vLLM, see ``configs/engine/vllm.yaml``).
         vllm_importance_sampling_correction: reweight each token's surrogate by
@@ -84,7 +139,8 @@ class GRPOModule(L.LightningModule):
         eval_num_samples: k for validation; 1 is greedy accuracy, k > 1 samples at
             ``eval_temperature`` and also logs pass@k.
         eval_temperature: sampling temperature when ``eval_num_samples > 1``.
-        log_completions_every_n_steps: write a text table of prompts/completions to TensorBoard.
+        log_completions_every_n_steps: write the ``completions`` text table (prompt, completion,
+            each reward, the advantage) to TensorBoard; 0 disables it.
         gradient_checkpointing: trade compute for activation memory.
         seed: base of the per-completion sampling seeds.
     """
@@ -109,9 +165,11 @@ class GRPOModule(L.LightningModule):
         micro_batch_size: int = 64,
         mask_truncated_completions: bool = False,
         max_grad_norm: float | None = 1.0,
-        rewards: list[RewardFunction] | None = None,
+        rewards: list[RewardFunction | RewardCallable] | None = None,
         reward_weights: list[float] | None = None,
         reward_timeout_s: float | None = None,
+        prompt_format: PromptFormat = "auto",
+        system_prompt: str | None = None,
         engine: GenerationEngine | None = None,
         vllm_importance_sampling_correction: bool = False,
         vllm_importance_sampling_mode: ImportanceSamplingMode = "token_truncate",
@@ -139,6 +197,7 @@ class GRPOModule(L.LightningModule):
                 f"reward_weights has {len(self.reward_weights)} entries "
                 f"for {len(self.rewards)} rewards"
             )
+        self.reward_names = _unique_names([reward_name(fn) for fn in self.rewards])
         self.engine = engine or HFGenerateEngine()
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -146,6 +205,7 @@ class GRPOModule(L.LightningModule):
         self.policy: nn.Module | None = None
         self.reference: nn.Module | None = None
         self.tokenizer: Any = None
+        self.prompts: PromptEncoder | None = None
         self.val_metrics = nn.ModuleDict()
         self._timer: dict[str, float] = defaultdict(float)
 
@@ -157,6 +217,7 @@ class GRPOModule(L.LightningModule):
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.prompts = self.prompt_encoder(self.tokenizer)
         dtype = torch.get_default_dtype()  # the precision plugin's init context sets it
         self.policy = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         self.policy.train()  # from_pretrained returns eval mode
@@ -172,7 +233,8 @@ class GRPOModule(L.LightningModule):
         elif self.hparams.kl_coef > 0:
             self.reference = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
             self.reference.eval().requires_grad_(False)
-        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+        strategy = self._trainer.strategy if self._trainer is not None else None  # None: a tool
+        if isinstance(strategy, ModelParallelStrategy):
             mesh = self.device_mesh["data_parallel"]
             shard_per_layer(self.policy, mesh)
             if self.reference is not None and quantization is None:
@@ -197,8 +259,9 @@ class GRPOModule(L.LightningModule):
         }
 
     # ---------------------------------------------------------------- rollout
-    def encode_prompts(self, rows: list[dict[str, Any]]) -> list[list[int]]:
-        return [self.tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
+    def prompt_encoder(self, tokenizer: Any) -> PromptEncoder:
+        """This module's prompt formatting over ``tokenizer`` (the trajectory cache uses it too)."""
+        return PromptEncoder(tokenizer, self.hparams.prompt_format, self.hparams.system_prompt)
 
     def sample(
         self,
@@ -212,8 +275,8 @@ class GRPOModule(L.LightningModule):
         Evaluation reuses the same seeds at every step (common random numbers), so sampled
         accuracy curves differ by what the policy learned, not by fresh sampling noise.
         """
-        assert self.policy is not None
-        prompts = self.encode_prompts(rows)
+        assert self.policy is not None and self.prompts is not None
+        prompts = self.prompts.encode_rows(rows)
         step = self.global_step if tag == "train" else 0
         seeds = [
             row_seed(self.hparams.seed, tag, step, r["id"], j)
@@ -234,24 +297,37 @@ class GRPOModule(L.LightningModule):
         return [p for p in prompts for _ in range(num_samples)], completions
 
     def score(
-        self, rows: list[dict[str, Any]], completions: list[Completion], num_samples: int
-    ) -> tuple[Tensor, Tensor, dict[str, float]]:
-        """Combined rewards, primary-reward correctness (accuracy) and failure counts."""
+        self,
+        rows: list[dict[str, Any]],
+        completions: list[Completion],
+        num_samples: int,
+        primary_only: bool = False,
+    ) -> ScoredBatch:
+        """Every reward function (only the first, which defines accuracy, with
+        ``primary_only``) on every completion, through the failure guard."""
+        functions = self.rewards[:1] if primary_only else self.rewards
         texts = self.tokenizer.batch_decode([c.ids for c in completions], skip_special_tokens=True)
         flat_rows = [r for r in rows for _ in range(num_samples)]
         prompts = [r["prompt"] for r in flat_rows]
         answers = [str(r["answer"]) for r in flat_rows]
         outcomes = [
             safe_rewards(fn, prompts, texts, answers, flat_rows, self.hparams.reward_timeout_s)
-            for fn in self.rewards
+            for fn in functions
         ]
-        total = torch.tensor(combine(outcomes, self.reward_weights), dtype=torch.float32)
-        correct = torch.tensor(outcomes[0].rewards, dtype=torch.float32) >= 0.5
-        failures = {
-            "reward/failures": float(sum(o.failures for o in outcomes)),
-            "reward/timeouts": float(sum(o.timeouts for o in outcomes)),
-        }
-        return total, correct.float(), failures
+        per_reward = torch.tensor(
+            [[math.nan if v is None else v for v in o.rewards] for o in outcomes],
+            dtype=torch.float32,
+        ).T
+        return ScoredBatch(
+            total=torch.tensor(
+                combine(outcomes, self.reward_weights[: len(outcomes)]), dtype=torch.float32
+            ),
+            per_reward=per_reward,
+            correct=(torch.tensor(outcomes[0].filled(), dtype=torch.float32) >= 0.5).float(),
+            texts=texts,
+            failures=[o.failures for o in outcomes],
+            timeouts=[o.timeouts for o in outcomes],
+        )
 
     # --------------------------------------------------------------- training
     def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
@@ -261,8 +337,8 @@ class GRPOModule(L.LightningModule):
         t0 = time.perf_counter()
         prompt_ids, completions = self.sample(batch, g, hp.temperature, "train")
         t1 = time.perf_counter()
-        rewards, correct, failures = self.score(batch, completions, g)
-        advantages = group_advantages(rewards.view(-1, g), hp.scale_rewards, hp.advantage_eps)
+        scored = self.score(batch, completions, g)
+        advantages = group_advantages(scored.total.view(-1, g), hp.scale_rewards, hp.advantage_eps)
         packed = pack(prompt_ids, [c.ids for c in completions], self.tokenizer.pad_token_id)
         truncated = torch.tensor([c.truncated for c in completions], dtype=torch.float32)
         if hp.mask_truncated_completions:
@@ -282,9 +358,9 @@ class GRPOModule(L.LightningModule):
         ]
         t3 = time.perf_counter()
         gen_tokens = sum(len(c.ids) for c in completions)
-        self._log_rollout(batch, rewards, correct, truncated, completions, failures)
+        self._log_rollout(batch, scored, truncated, completions)
         self.log_dict(
-            {f"train/{k}": torch.stack([step[k] for step in steps]).mean() for k in steps[0]},
+            {k: torch.stack([step[k] for step in steps]).mean() for k in steps[0]},
             sync_dist=True,
         )
         self.log_dict(
@@ -296,10 +372,10 @@ class GRPOModule(L.LightningModule):
                 "throughput/train_tokens_per_s": hp.num_iterations
                 * float(packed.mask.sum())
                 / max(t3 - t2, 1e-9),
-                "lr": self.optimizers().param_groups[0]["lr"],
+                "learning_rate": self.optimizers().param_groups[0]["lr"],
             }
         )
-        self._maybe_log_text(batch, completions, rewards)
+        self._maybe_log_completions(batch, scored, advantages.flatten())
 
     def _global_counts(self, mask: Tensor) -> tuple[float, float]:
         """Sequence and token counts over all ranks, divided by the world size.
@@ -373,7 +449,9 @@ class GRPOModule(L.LightningModule):
                 engine = engine_logps[rows, :width].to(device)
                 keep = mask.bool()
                 gap = (old - engine).abs().nan_to_num(0.0).masked_fill(~keep, 0.0)
-                totals["engine_logp_diff"] += gap.sum() / num_tokens
+                totals["sampling/sampling_logp_difference/mean"] += gap.sum() / num_tokens
+                worst = totals["sampling/sampling_logp_difference/max"]
+                totals["sampling/sampling_logp_difference/max"] = torch.maximum(worst, gap.max())
                 if hp.vllm_importance_sampling_correction:
                     weights = engine_importance_weights(
                         old,
@@ -383,7 +461,7 @@ class GRPOModule(L.LightningModule):
                         hp.vllm_importance_sampling_clip_min,
                         hp.vllm_importance_sampling_clip_max,
                     )
-                    totals["importance_ratio_mean"] += weights.sum() / num_tokens
+                    totals["sampling/importance_sampling_ratio/mean"] += weights.sum() / num_tokens
             out = policy_loss(
                 logp,
                 old,
@@ -405,9 +483,14 @@ class GRPOModule(L.LightningModule):
             self.manual_backward(out.loss)
             weight = mask.sum() / num_tokens
             totals["loss"] += out.loss.detach()
-            totals["clip_fraction_low"] += out.clip_fraction_low * weight
-            totals["clip_fraction_high"] += out.clip_fraction_high * weight
-            totals["ratio_mean"] += out.ratio_mean * weight
+            totals["clip_ratio/low_mean"] += out.clip_fraction_low * weight
+            totals["clip_ratio/high_mean"] += out.clip_fraction_high * weight
+            # low and high clipping exclude each other (opposite advantage signs): the region
+            # where either clips is their sum
+            totals["clip_ratio/region_mean"] += (
+                out.clip_fraction_low + out.clip_fraction_high
+            ) * weight
+            totals["importance_ratio/mean"] += out.ratio_mean * weight
             totals["entropy"] += out.entropy * weight
             if out.kl is not None:
                 totals["kl"] += out.kl * weight
@@ -431,49 +514,62 @@ class GRPOModule(L.LightningModule):
     def _log_rollout(
         self,
         rows: list[dict[str, Any]],
-        rewards: Tensor,
-        correct: Tensor,
+        scored: ScoredBatch,
         truncated: Tensor,
         completions: list[Completion],
-        failures: dict[str, float],
     ) -> None:
+        """TRL's rollout metrics (same names where the concept is the same) plus accuracy."""
         g = self.hparams.num_generations
         lengths = torch.tensor([len(c.ids) for c in completions], dtype=torch.float32)
+        terminated = lengths[truncated == 0]
+        if terminated.numel() == 0:
+            terminated = torch.zeros(1)  # TRL logs 0 when every completion hit the budget
+        reward_mean, reward_std = _nan_mean_std(scored.total)
         metrics = {
-            "reward": rewards.mean(),
-            "reward_std": rewards.std(),
-            "train/accuracy": correct.mean(),
-            "train/zero_std_fraction": torch.tensor(zero_std_fraction(rewards.view(-1, g))),
-            "completion/length_mean": lengths.mean(),
-            "completion/length_max": lengths.max(),
-            "completion/truncated_fraction": truncated.mean(),
-            **{k: torch.tensor(v) for k, v in failures.items()},
+            "reward_std": reward_std,
+            "frac_reward_zero_std": torch.tensor(zero_std_fraction(scored.total.view(-1, g))),
+            "accuracy": scored.correct.mean(),
+            "completions/mean_length": lengths.mean(),
+            "completions/min_length": lengths.min(),
+            "completions/max_length": lengths.max(),
+            "completions/clipped_ratio": truncated.mean(),
+            "completions/mean_terminated_length": terminated.mean(),
+            "completions/min_terminated_length": terminated.min(),
+            "completions/max_terminated_length": terminated.max(),
         }
-        self.log_dict(metrics, sync_dist=True, prog_bar=False)
-        self.log("reward_mean", rewards.mean(), prog_bar=True, sync_dist=True)
+        for i, name in enumerate(self.reward_names):
+            mean, std = _nan_mean_std(scored.per_reward[:, i])
+            metrics[f"rewards/{name}/mean"] = mean
+            metrics[f"rewards/{name}/std"] = std
+            metrics[f"rewards/{name}/failures"] = torch.tensor(float(scored.failures[i]))
+            metrics[f"rewards/{name}/timeouts"] = torch.tensor(float(scored.timeouts[i]))
+        self.log_dict(metrics, sync_dist=True)
+        self.log("reward", reward_mean, prog_bar=True, sync_dist=True)
         by_family: dict[str, list[float]] = defaultdict(list)
         for i, r in enumerate(rows):
-            by_family[r["family"]].extend(correct[i * g : (i + 1) * g].tolist())
+            by_family[r["family"]].extend(scored.correct[i * g : (i + 1) * g].tolist())
         for family, values in by_family.items():
-            self.log(f"train_accuracy/{family}", sum(values) / len(values))
+            self.log(f"accuracy/{family}", sum(values) / len(values))
 
-    def _maybe_log_text(
-        self, rows: list[dict[str, Any]], completions: list[Completion], rewards: Tensor
+    def _maybe_log_completions(
+        self, rows: list[dict[str, Any]], scored: ScoredBatch, advantages: Tensor
     ) -> None:
+        """A TensorBoard text table ``completions``: prompt, completion, each reward, the
+        combined reward and the advantage, for every completion of the first prompts."""
         every = self.hparams.log_completions_every_n_steps
         experiment = getattr(self.logger, "experiment", None)
         if not every or self.global_step % every or not hasattr(experiment, "add_text"):
             return
         g = self.hparams.num_generations
-        lines = ["| prompt | completion | reward |", "|---|---|---|"]
-        for i, r in enumerate(rows[:4]):
-            for j in range(min(g, 2)):
-                c = completions[i * g + j]
-                text = self.tokenizer.decode(c.ids, skip_special_tokens=True)
-                cell = text.replace("|", "\\|").replace("\n", " ")
-                prompt = r["prompt"].replace("|", "\\|").replace("\n", " ")
-                lines.append(f"| {prompt} | {cell} | {rewards[i * g + j]:.2f} |")
-        experiment.add_text("samples", "\n".join(lines), self.global_step)
+        header = ["prompt", "completion", *self.reward_names, "reward", "advantage"]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for i, row in enumerate(rows[:TABLE_PROMPTS]):
+            for j in range(i * g, (i + 1) * g):
+                values = [*scored.per_reward[j].tolist(), scored.total[j].item()]
+                numbers = ["-" if math.isnan(v) else f"{v:.3g}" for v in values]
+                cells = [_cell(row["prompt"]), _cell(scored.texts[j]), *numbers]
+                lines.append("| " + " | ".join([*cells, f"{advantages[j].item():+.3f}"]) + " |")
+        experiment.add_text("completions", "\n".join(lines), self.global_step)
 
     # ------------------------------------------------------------- validation
     def setup(self, stage: str) -> None:
@@ -494,7 +590,7 @@ class GRPOModule(L.LightningModule):
         k = self.hparams.eval_num_samples
         temperature = 0.0 if k == 1 else self.hparams.eval_temperature
         _, completions = self.sample(batch, k, temperature, "eval")
-        _, correct, _ = self.score(batch, completions, k)
+        correct = self.score(batch, completions, k, primary_only=True).correct
         name = self.trainer.datamodule.eval_names[dataloader_idx]
         per_prompt = correct.view(-1, k)
         for i, row in enumerate(batch):

@@ -52,6 +52,8 @@ from cropi_pl.generation.engine import Completion, GenerationEngine, row_seed
 
 if TYPE_CHECKING:
     from cropi_pl.influence.popi import PromptTrajectories
+    from cropi_pl.policy.prompting import PromptEncoder
+    from cropi_pl.rewards.base import RewardCallable
 
 logger = logging.getLogger(__name__)
 
@@ -117,13 +119,18 @@ class CacheMismatchError(TrajectoryCacheError):
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """How the behaviour policy is sampled; part of the cache's identity."""
+    """How the behaviour policy is sampled; part of the cache's identity.
+
+    ``prompt_format`` is the :meth:`~cropi_pl.policy.prompting.PromptEncoder.fingerprint` of the
+    prompt formatting, so a cache built with another format (or chat template) is refused.
+    """
 
     num_samples: int
     temperature: float
     top_p: float
     max_new_tokens: int
     seed: int
+    prompt_format: str = "plain"
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -166,23 +173,32 @@ class Collector:
     def for_model(
         cls,
         model: nn.Module,
-        tokenizer: Any,
+        encoder: PromptEncoder,
         engine: GenerationEngine,
-        reward: Callable[[list[str], list[str], list[str], list[dict]], Sequence[float]],
+        reward: RewardCallable,
         settings: SamplingSettings,
         reward_timeout_s: float | None = None,
     ) -> Collector:
-        """A collector sampling ``model`` through ``engine`` and scoring with ``reward``.
+        """A collector sampling ``model`` through ``engine`` on prompts formatted by ``encoder``
+        and scoring with ``reward``.
 
-        Reward errors and timeouts score 0 (see :func:`~cropi_pl.rewards.base.safe_rewards`).
+        Reward errors and timeouts score 0, and so does a None (not applicable) reward (see
+        :func:`~cropi_pl.rewards.base.safe_rewards`).
         """
         from cropi_pl.influence.popi import behaviour_logps
         from cropi_pl.rewards.base import safe_rewards
 
+        if settings.prompt_format != encoder.fingerprint():
+            raise ValueError(
+                f"sampling settings name prompt format {settings.prompt_format!r} but the "
+                f"encoder formats prompts as {encoder.fingerprint()!r}"
+            )
+        tokenizer = encoder.tokenizer
+
         def sample(
             rows: list[dict], num_samples: int, temperature: float, tag: str
         ) -> tuple[list[list[int]], list[Completion]]:
-            prompts = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
+            prompts = encoder.encode_rows(rows)
             seeds = [row_seed(tag, r["id"], j) for r in rows for j in range(num_samples)]
             completions = engine.generate(
                 model,
@@ -210,7 +226,7 @@ class Collector:
                 [str(r["answer"]) for r in flat],
                 flat,
                 reward_timeout_s,
-            ).rewards
+            ).filled()
 
         def logps(
             prompt_ids: list[list[int]], completion_ids: list[list[int]]

@@ -212,7 +212,7 @@ def convert_gguf(source: Path, out: Path, spec: GGUFModel, label: str) -> None:
     tokenizer.save_pretrained(out)
     state = model.state_dict()
     with safe_open(str(out / "model.safetensors"), framework="pt") as saved:
-        for key in saved.keys():  # noqa: SIM118 (safe_open has no __iter__)
+        for key in saved.keys():
             if not torch.equal(saved.get_tensor(key), state[key]):
                 raise ValueError(f"embedded:{label}: {key} did not save exactly")
         absent = set(state) - set(saved.keys())

@@ -1,14 +1,26 @@
 """The contract for reward functions, and the guard that keeps a bad one from killing a run.
 
-A reward function is any :class:`RewardFunction` subclass, named in YAML by its class path. It
-scores a whole batch at once (so it can share work such as parsing one gold answer for K
-completions), but user code fails in ways training must survive: an exception on one odd
+A reward is either a :class:`RewardFunction` subclass (named in YAML by ``class_path``) or a plain
+callable written the way TRL's ``GRPOTrainer`` takes ``reward_funcs`` (named in YAML by its import
+path, e.g. ``my_pkg.rewards.format_reward``)::
+
+    def format_reward(prompts, completions, answers, **columns) -> list[float | None]: ...
+
+It is called with keyword arguments: ``prompts``, ``completions`` and ``answers`` (one entry per
+completion: a prompt repeated K times appears K times) and every dataset column except ``prompt``
+(``answer``, ``id``, ``family``, ``difficulty`` and any extra column of the prompt file) as a list
+aligned with ``completions``. It returns one float per completion, or None where the reward does
+not apply (see :func:`combine`).
+
+Either kind scores a whole batch at once (so it can share work such as parsing one gold answer for
+K completions), but user code fails in ways training must survive: an exception on one odd
 completion, a hang in a symbolic solver, a list of the wrong length, a NaN. :func:`safe_rewards`
 turns each of those into a reward of 0 for the completions concerned and a count that gets logged.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import signal
@@ -18,31 +30,49 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
-RewardCallable = Callable[[list[str], list[str], list[str], list[dict]], Sequence[float]]
+# Row columns not passed to a plain-function reward: "prompt" is what ``prompts`` carries (TRL
+# skips it too), and a column may not shadow one of the keyword arguments.
+UNPASSED_COLUMNS = ("prompt", "prompts", "completions", "answers")
 
 
 class RewardFunction(ABC):
-    """Scores completions; subclasses are configured from YAML by class path and init args."""
+    """Scores completions; subclasses are configured from YAML by class path and init args.
 
-    name: str = "reward"
+    ``name`` names the reward's metrics (``rewards/<name>/mean``); empty: the class name.
+    """
+
+    name: str = ""
 
     @abstractmethod
     def __call__(
         self, prompts: list[str], completions: list[str], answers: list[str], rows: list[dict]
-    ) -> list[float]:
-        """One float per completion. ``answers[i]`` is the gold answer of ``completions[i]`` and
-        ``rows[i]`` its dataset row (family, difficulty, ...), so one prompt repeated K times
-        appears K times in every list."""
+    ) -> list[float | None]:
+        """One float per completion (None: does not apply). ``answers[i]`` is the gold answer of
+        ``completions[i]`` and ``rows[i]`` its dataset row (family, difficulty, ...), so one
+        prompt repeated K times appears K times in every list."""
+
+
+RewardCallable = Callable[..., Sequence[float | None]]
+"""A :class:`RewardFunction` or a plain keyword-argument function (module docstring)."""
 
 
 @dataclass
 class RewardOutcome:
-    rewards: list[float]
+    """One reward function's values for a batch: a float per completion, or None where the
+    function said it does not apply; ``failures``/``timeouts`` count completions zeroed by the
+    guard."""
+
+    rewards: list[float | None]
     failures: int
     timeouts: int
+
+    def filled(self) -> list[float]:
+        """The values with None read as 0.0 (what accuracy and the trajectory cache use)."""
+        return [0.0 if value is None else value for value in self.rewards]
 
 
 class RewardTimeout(BaseException):
@@ -102,8 +132,35 @@ def deadline(seconds: float | None) -> Iterator[bool]:
                 signal.setitimer(signal.ITIMER_REAL, max(left, 1e-6), outer_interval)
 
 
-def _reward_name(fn: RewardCallable) -> str:
-    return getattr(fn, "name", None) or type(fn).__name__
+def reward_name(fn: RewardCallable) -> str:
+    """The name metrics use: a reward's ``name`` attribute, else its function or class name."""
+    name = getattr(fn, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    target = fn.func if isinstance(fn, functools.partial) else fn
+    return getattr(target, "__name__", None) or type(target).__name__
+
+
+def call_reward(
+    fn: RewardCallable,
+    prompts: list[str],
+    completions: list[str],
+    answers: list[str],
+    rows: list[dict],
+) -> Sequence[Any]:
+    """Call ``fn`` in its own convention: positionally for a :class:`RewardFunction`, with
+    keyword arguments (``prompts``, ``completions``, ``answers``, every row column but
+    ``prompt``) for anything else."""
+    if isinstance(fn, RewardFunction):
+        return fn(prompts, completions, answers, rows)
+    keys = dict.fromkeys(key for row in rows for key in row)
+    columns = {key: [row.get(key) for row in rows] for key in keys if key not in UNPASSED_COLUMNS}
+    return fn(prompts=prompts, completions=completions, answers=answers, **columns)
+
+
+def _value(value: Any) -> float | None:
+    """None stays None (not applicable); anything else must convert to a float."""
+    return None if value is None else float(value)
 
 
 def _call_one(
@@ -113,18 +170,20 @@ def _call_one(
     answer: str,
     row: dict,
     timeout_s: float | None,
-) -> tuple[float, str | None]:
+) -> tuple[float | None, str | None]:
     """Score one completion alone: (reward, None) or (0.0, 'failure' | 'timeout')."""
     try:
         with deadline(timeout_s):
-            values = list(fn([prompt], [completion], [answer], [row]))
-        value = float(values[0]) if len(values) == 1 else math.nan
+            values = list(call_reward(fn, [prompt], [completion], [answer], [row]))
+        value = _value(values[0]) if len(values) == 1 else math.nan
     except RewardTimeout:
         return 0.0, "timeout"
     except Exception:
-        logger.debug("reward %s failed on one completion", _reward_name(fn), exc_info=True)
+        logger.debug("reward %s failed on one completion", reward_name(fn), exc_info=True)
         return 0.0, "failure"
-    return (value, None) if math.isfinite(value) else (0.0, "failure")
+    if value is None or math.isfinite(value):
+        return value, None
+    return 0.0, "failure"
 
 
 def safe_rewards(
@@ -140,8 +199,9 @@ def safe_rewards(
     If the batch call raises or passes ``timeout_s``, every completion is scored alone (each call
     again bounded by ``timeout_s``, so the worst case is ``(n + 1) * timeout_s``) and only the
     completions that fail or time out get 0. A result of the wrong length gives every completion 0
-    (no way to tell which value belongs to which completion). Non-finite values become 0. Every
-    zeroed completion is counted as a failure or a timeout.
+    (no way to tell which value belongs to which completion). Non-finite values become 0; None
+    stays None (the reward does not apply). Every zeroed completion is counted as a failure or a
+    timeout.
     """
     if timeout_s is not None and timeout_s <= 0:
         raise ValueError(f"timeout_s must be positive or None, got {timeout_s}")
@@ -150,11 +210,11 @@ def safe_rewards(
     misaligned = {key: size for key, size in lengths.items() if size != n}
     if misaligned:
         raise ValueError(f"reward inputs must align with {n} completions, got lengths {misaligned}")
-    name = _reward_name(fn)
+    name = reward_name(fn)
     try:
         with deadline(timeout_s):
-            values = fn(prompts, completions, answers, rows)
-        values = [float(v) for v in values]
+            values = call_reward(fn, prompts, completions, answers, rows)
+        values = [_value(v) for v in values]
     except (Exception, RewardTimeout) as error:
         logger.warning("reward %s failed on the batch (%r); scoring one by one", name, error)
         scored = [
@@ -175,9 +235,11 @@ def safe_rewards(
                 n,
             )
             return RewardOutcome(rewards=[0.0] * n, failures=n, timeouts=0)
-        finite = [v if math.isfinite(v) else 0.0 for v in values]
+        bad = [v is not None and not math.isfinite(v) for v in values]
         outcome = RewardOutcome(
-            rewards=finite, failures=sum(not math.isfinite(v) for v in values), timeouts=0
+            rewards=[0.0 if b else v for v, b in zip(values, bad, strict=True)],
+            failures=sum(bad),
+            timeouts=0,
         )
     if outcome.failures or outcome.timeouts:
         logger.warning(
@@ -191,7 +253,12 @@ def safe_rewards(
 
 
 def combine(outcomes: Sequence[RewardOutcome], weights: Sequence[float]) -> list[float]:
-    """Per-completion weighted sum of several reward functions' outcomes."""
+    """Per-completion weighted sum of several reward functions' outcomes.
+
+    A None (the reward does not apply) contributes nothing to its completion's sum, as TRL's
+    ``nansum`` does. A completion that every reward skipped is unscorable: its value is NaN, which
+    the advantage computation leaves out of its group's statistics and gives an advantage of 0.
+    """
     if len(outcomes) != len(weights):
         raise ValueError(f"got {len(outcomes)} reward outcomes but {len(weights)} weights")
     if not outcomes:
@@ -199,7 +266,8 @@ def combine(outcomes: Sequence[RewardOutcome], weights: Sequence[float]) -> list
     sizes = {len(outcome.rewards) for outcome in outcomes}
     if len(sizes) != 1:
         raise ValueError(f"reward outcomes have different lengths {sorted(sizes)}")
-    return [
-        sum(w * value for w, value in zip(weights, values, strict=True))
-        for values in zip(*(outcome.rewards for outcome in outcomes), strict=True)
-    ]
+    totals = []
+    for values in zip(*(outcome.rewards for outcome in outcomes), strict=True):
+        applied = [(w, v) for w, v in zip(weights, values, strict=True) if v is not None]
+        totals.append(sum(w * v for w, v in applied) if applied else math.nan)
+    return totals

@@ -37,6 +37,16 @@ logger = logging.getLogger(__name__)
 WORKER_START_TIMEOUT_S = 120.0
 
 
+def _drop_disabled_timeout_warning(record: logging.LogRecord) -> bool:
+    """math-verify warns once per process that its own timeouts are off; here they are off on
+    purpose (the deadline below replaces them), so the warning would only mislead."""
+    return not record.getMessage().startswith("Timeout is disabled")
+
+
+for _name in ("math_verify.parser", "math_verify.grader"):
+    logging.getLogger(_name).addFilter(_drop_disabled_timeout_warning)
+
+
 def _as_latex(text: str) -> str:
     """math-verify's LaTeX extractor needs delimiters; bare "\\frac{3}{4}" would not be found."""
     return text if "$" in text or "\\boxed" in text else f"${text}$"

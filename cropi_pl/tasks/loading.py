@@ -1,34 +1,29 @@
-"""Prompt sources from files or the HF hub (GSM8K, MATH, DeepScaleR, exported synthetic splits).
+"""Prompts from files or the HF hub (GSM8K, MATH, DeepScaleR, exported synthetic splits).
 
-Every prompt source has ``load() -> datasets.Dataset`` with the columns in :data:`REQUIRED_COLUMNS`
-and ``fingerprint() -> str`` that changes whenever the loaded rows could (caches of trajectories
-and gradient features are keyed on it). :func:`load_source` is the one entry point the rest of the
-code uses, so the checks on ids and columns hold for every source.
+:class:`PromptFile` turns a table of questions and reference answers into the rows every
+:class:`~cropi_pl.tasks.source.PromptSource` yields: the five required columns (the prompt through
+a template, the gold answer extracted from a GSM8K ``#### 42`` or MATH ``\\boxed{...}`` reference)
+plus every other column of the file, unchanged, for reward functions to read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+import string
 import tempfile
-from collections import Counter
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import datasets
 
 from cropi_pl.rewards.numeric import after_hashes, last_boxed
-from cropi_pl.tasks import source
+from cropi_pl.tasks.source import REQUIRED_COLUMNS, PromptSource
 
-REQUIRED_COLUMNS = ("id", "prompt", "answer", "family", "difficulty")
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 AnswerFormat = Literal["auto", "gsm8k", "boxed", "plain"]
-
-
-class PromptSource(Protocol):
-    def load(self) -> datasets.Dataset: ...
-
-    def fingerprint(self) -> str: ...
+_INTEGER = re.compile(r"-?\d+")
 
 
 def _gsm8k_answer(text: str) -> str | None:
@@ -64,12 +59,54 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-class PromptFile(source.PromptSource):
+TEMPLATE_HINT = "literal braces are written {{ and }} (e.g. \\boxed{{}})"
+
+
+def _check_template(template: str) -> None:
+    """Raise for a ``str.format`` template with a stray brace or a field that is not a column
+    name, such as the ``{}`` of an undoubled ``\\boxed{}``."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as error:
+        raise ValueError(f"template {template!r}: {error}; {TEMPLATE_HINT}") from None
+    for _, field, _, _ in parsed:
+        if field is not None and not field.isidentifier():
+            raise ValueError(
+                f"template {template!r} has a field {{{field}}} that is not a column name; "
+                f"{TEMPLATE_HINT}"
+            )
+
+
+def _difficulty(value: Any, where: str) -> int:
+    """An int from 3, 3.0, "3" or "Level 3" (MATH's ``level`` column)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    numbers = _INTEGER.findall(value) if isinstance(value, str) else []
+    if numbers:
+        return int(numbers[-1])
+    raise ValueError(f"{where}: difficulty {value!r} is not an integer")
+
+
+class PromptFile(PromptSource):
     """Prompts and gold answers from a local .jsonl/.json/.parquet file or a HF hub dataset.
 
     ``path`` names a hub dataset (loaded with ``split``) unless it is an existing file or ends in
-    .jsonl/.json/.parquet. ``template`` is formatted with ``prompt`` (the ``prompt_field``
-    value) and every field of the row, so instructions can be added without editing the data.
+    .jsonl/.json/.parquet. Each row becomes:
+
+    - ``prompt``: ``template`` formatted with ``prompt`` (the ``prompt_field`` value) and every
+      field of the row, so instructions can be added without editing the data (literal braces
+      are doubled: ``"{prompt} Put the answer in \\boxed{{}}."``);
+    - ``answer``: the gold answer extracted from ``answer_field`` by ``answer_format``
+      (``gsm8k``: after the last ``####``; ``boxed``: the last ``\\boxed{}``; ``plain``: the
+      whole text; ``auto``: the first of these that finds one);
+    - ``id``: ``id_field``'s value, else ``<file stem>-<row number>``;
+    - ``family``: ``family_field``'s value, else ``family``;
+    - ``difficulty``: ``difficulty_field``'s value as an int ("Level 5" gives 5); by default the
+      ``difficulty`` column when there is one, else 0;
+    - every other column of the file, unchanged (for reward functions). A file column named like
+      one of the five above is replaced by the converted value.
     """
 
     def __init__(
@@ -82,6 +119,7 @@ class PromptFile(source.PromptSource):
         id_field: str | None = None,
         family_field: str | None = None,
         family: str = "default",
+        difficulty_field: str | None = None,
         split: str = "train",
         limit: int | None = None,
     ) -> None:
@@ -92,6 +130,7 @@ class PromptFile(source.PromptSource):
             )
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be positive, got {limit}")
+        _check_template(template)
         self.path = path
         self.prompt_field = prompt_field
         self.answer_field = answer_field
@@ -100,6 +139,7 @@ class PromptFile(source.PromptSource):
         self.id_field = id_field
         self.family_field = family_field
         self.family = family
+        self.difficulty_field = difficulty_field
         self.split = split
         self.limit = limit
 
@@ -124,11 +164,13 @@ class PromptFile(source.PromptSource):
         # serve stale rows after a rewrite, and the rows are copied into memory anyway.
         with tempfile.TemporaryDirectory() as cache_dir:
             builder = FILE_BUILDERS[path.suffix]
-            return self._head(
-                datasets.load_dataset(
+            try:
+                raw = datasets.load_dataset(
                     builder, data_files=str(path), split="train", cache_dir=cache_dir
                 )
-            )
+            except Exception as error:  # datasets wraps parse errors in many types
+                raise ValueError(f"cannot read prompt file {self.path}: {error}") from error
+            return self._head(raw)
 
     def _head(self, raw: datasets.Dataset) -> list[dict[str, Any]]:
         size = len(raw) if self.limit is None else min(self.limit, len(raw))
@@ -136,30 +178,33 @@ class PromptFile(source.PromptSource):
 
     def _convert(self, index: int, row: dict[str, Any], stem: str) -> dict[str, Any]:
         where = f"{self.path} row {index}"
-        for field in (self.prompt_field, self.answer_field, self.id_field, self.family_field):
+        fields = (self.prompt_field, self.answer_field, self.id_field, self.family_field)
+        for field in (*fields, self.difficulty_field):
             if field is not None and row.get(field) is None:
                 raise KeyError(f"{where}: missing field {field!r} (row has {sorted(row)})")
         try:
             prompt = self.template.format(**{**row, "prompt": row[self.prompt_field]})
-        except (KeyError, IndexError) as error:
-            raise KeyError(f"{where}: template {self.template!r} needs {error}") from None
+        except KeyError as error:
+            raise KeyError(
+                f"{where}: template {self.template!r} needs {error} (row has {sorted(row)}; "
+                f"{TEMPLATE_HINT})"
+            ) from None
         answer = extract_gold(str(row[self.answer_field]), self.answer_format)
         if answer is None:
             raise ValueError(
                 f"{where}: no {self.answer_format} answer in field {self.answer_field!r}: "
                 f"{str(row[self.answer_field])[-200:]!r}"
             )
-        try:
-            difficulty = int(row.get("difficulty") or 0)
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: difficulty {row['difficulty']!r} is not an int") from None
-        return {
+        difficulty = row.get(self.difficulty_field or "difficulty")
+        converted = {
             "id": str(row[self.id_field]) if self.id_field else f"{stem}-{index}",
             "prompt": prompt,
             "answer": answer,
             "family": str(row[self.family_field]) if self.family_field else self.family,
-            "difficulty": difficulty,
+            "difficulty": 0 if difficulty is None else _difficulty(difficulty, where),
         }
+        extra = {key: value for key, value in row.items() if key not in REQUIRED_COLUMNS}
+        return {**converted, **extra}
 
     def load(self) -> datasets.Dataset:
         stem = Path(self.path).stem
@@ -186,27 +231,9 @@ class PromptFile(source.PromptSource):
                 "id_field",
                 "family_field",
                 "family",
+                "difficulty_field",
                 "split",
                 "limit",
             )
         }
         return f"promptfile:{self.path}:{content}:{json.dumps(settings, sort_keys=True)}"
-
-
-def load_source(source: PromptSource) -> datasets.Dataset:
-    """``source.load()``, checked: required columns present, at least one row, ids unique."""
-    name = getattr(source, "path", None) or type(source).__name__
-    data = source.load()
-    missing = [column for column in REQUIRED_COLUMNS if column not in data.column_names]
-    if missing:
-        raise ValueError(f"prompt source {name} lacks columns {missing}; has {data.column_names}")
-    if len(data) == 0:
-        raise ValueError(f"prompt source {name} has no rows")
-    counts = Counter(data["id"])
-    duplicates = [key for key, count in counts.items() if count > 1]
-    if duplicates:
-        raise ValueError(
-            f"prompt source {name}: duplicate id {duplicates[0]!r} "
-            f"({len(duplicates)} ids repeated); ids must be unique"
-        )
-    return data
