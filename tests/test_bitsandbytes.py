@@ -26,7 +26,7 @@ def _policy() -> torch.nn.Module:
 
 def _fixed_batch(seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 100, (8, 40), generator=gen)
+    ids = torch.randint(3, 100, (4, 32), generator=gen)
     return {"input_ids": ids, "labels": ids}
 
 
@@ -63,7 +63,7 @@ def test_adamw8bit_trains_a_fixed_batch_like_adamw():
     curves = {}
     for name, cls in (("adamw", torch.optim.AdamW), ("adamw8bit", bnb.optim.AdamW8bit)):
         model = _policy()
-        curves[name] = _train(model, cls(model.parameters(), lr=3e-3, weight_decay=0.0), batch, 25)
+        curves[name] = _train(model, cls(model.parameters(), lr=3e-3, weight_decay=0.0), batch, 12)
     reference, quantized = curves["adamw"], curves["adamw8bit"]
     assert reference[-1] < 0.8 * reference[0]  # the batch is being fitted at all
     for step, (a, b) in enumerate(zip(reference, quantized, strict=True)):
