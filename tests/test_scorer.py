@@ -7,10 +7,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cropi_pl.influence.popi import POPIGradients, PromptTrajectories, behaviour_logps
+from cropi_pl.influence.gradients import POPIGradients
+from cropi_pl.influence.popi import behaviour_logps
 from cropi_pl.influence.projection import ProjectionConfig, SparseProjector
 from cropi_pl.influence.scorer import InfluenceScorer
 from cropi_pl.influence.selection import InfluenceSelector, SelectionContext
+from cropi_pl.influence.trajectories import PromptTrajectories
 from tests.models import tiny_llama
 
 

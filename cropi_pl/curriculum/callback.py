@@ -17,15 +17,17 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import AutoModelForCausalLM
 
+from cropi_pl.atomic import atomic_file
 from cropi_pl.curriculum.resampling import (
     ResampleConfig,
     ResampledStore,
     measure_drift,
     stale_prompts,
 )
-from cropi_pl.generation.engine import row_seed
-from cropi_pl.influence.popi import Method, POPIConfig, PromptTrajectories
-from cropi_pl.influence.projection import ProjectionConfig, atomic_output_path
+from cropi_pl.influence.cache import TrajectoryCache
+from cropi_pl.influence.gradients import Method
+from cropi_pl.influence.popi import POPIConfig
+from cropi_pl.influence.projection import ProjectionConfig
 from cropi_pl.influence.scorer import InfluenceScorer
 from cropi_pl.influence.selection import (
     InfluenceSelector,
@@ -36,8 +38,9 @@ from cropi_pl.influence.selection import (
     Selector,
     selection_size,
 )
-from cropi_pl.influence.trajectories import TrajectoryCache, pass_rate
+from cropi_pl.influence.trajectories import PromptTrajectories, pass_rate
 from cropi_pl.policy.build import resolve_model_path
+from cropi_pl.seeding import derive_seed
 
 TRAJECTORY_SELECTORS = (InfluenceSelector, PassRateSelector, LearnabilitySelector)
 
@@ -241,7 +244,7 @@ class CurriculumCallback(L.Callback):
         if fresh is None:  # re-sampling is on and this stage has not re-sampled yet
             start = time.perf_counter()
             dm = trainer.datamodule
-            seed = row_seed("resample", dm.seed, stage)
+            seed = derive_seed("resample", dm.seed, stage)
             ess = drift.ess if drift is not None else None
             chosen, counts = stale_prompts(trajs, self.resample, ess, seed)
             collector, settings = dm.collector(
@@ -304,5 +307,5 @@ class CurriculumCallback(L.Callback):
                 writer.add_histogram("curriculum/pass_rate_pool", ctx.pass_rate, step)
                 chosen = ctx.pass_rate[torch.tensor(selection.indices)]
                 writer.add_histogram("curriculum/pass_rate_selected", chosen, step)
-        with atomic_output_path(directory / f"stage-{stage:03d}.metrics.json") as tmp:
+        with atomic_file(directory / f"stage-{stage:03d}.metrics.json") as tmp:
             Path(tmp).write_text(json.dumps(metrics, indent=1, sort_keys=True))

@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cropi_pl.generation import Completion, GenerationEngine, HFGenerateEngine, row_seed
+from cropi_pl.generation import Completion, GenerationEngine, HFGenerateEngine
 from cropi_pl.generation.engine import mark_weights_updated
 from cropi_pl.grpo.advantages import group_advantages, zero_std_fraction
 from cropi_pl.grpo.losses import (
@@ -40,6 +40,7 @@ from cropi_pl.rewards.base import (
     safe_rewards,
 )
 from cropi_pl.rewards.numeric import ExactNumberReward
+from cropi_pl.seeding import derive_seed
 from cropi_pl.sharding import shard_per_layer
 
 TABLE_PROMPTS = 4  # prompts (with all their completions) in the TensorBoard completions table
@@ -279,7 +280,7 @@ class GRPOModule(L.LightningModule):
         prompts = self.prompts.encode_rows(rows)
         step = self.global_step if tag == "train" else 0
         seeds = [
-            row_seed(self.hparams.seed, tag, step, r["id"], j)
+            derive_seed(self.hparams.seed, tag, step, r["id"], j)
             for r in rows
             for j in range(num_samples)
         ]

@@ -21,14 +21,10 @@ most likely because of fp16 accumulation over ~1e9 terms.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import tempfile
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -38,12 +34,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from cropi_pl.atomic import atomic_file
+from cropi_pl.seeding import derive_seed
+
 __all__ = [
     "ProjectionConfig",
     "ProjectionState",
     "SparseProjector",
-    "atomic_output_path",
-    "derive_seed",
     "load_projected",
     "save_projected",
 ]
@@ -82,13 +79,6 @@ class ProjectionConfig:
         for name in ("dim", "block_size", "chunk_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ProjectionConfig.{name} must be >= 1, got {getattr(self, name)}")
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit generator seed that is a pure function of ``parts`` (unlike Python's salted
-    ``hash``), so every process and machine derives the same stream for the same block/chunk."""
-    digest = hashlib.sha256(json.dumps(list(parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 @dataclass
@@ -296,25 +286,6 @@ class SparseProjector:
         return matrix
 
 
-@contextmanager
-def atomic_output_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one
-    ``os.replace``, so readers never see a half-written artifact (a crash leaves the old file)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_projected(
     path: str | os.PathLike[str], ids: list[str], vectors: torch.Tensor, meta: dict[str, Any]
 ) -> None:
@@ -333,7 +304,7 @@ def save_projected(
     except TypeError as err:
         raise TypeError(f"save_projected({path}): meta is not JSON-serialisable: {err}") from err
     tensors = {"vectors": vectors.detach().to(device="cpu", dtype=torch.float32).contiguous()}
-    with atomic_output_path(path) as tmp:
+    with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
 

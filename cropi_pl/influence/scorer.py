@@ -12,15 +12,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from cropi_pl.influence.popi import (
-    Method,
-    POPIConfig,
-    POPIGradients,
-    PromptTrajectories,
-    zero_mask,
-)
+from cropi_pl.influence.gradients import Method, POPIGradients
+from cropi_pl.influence.popi import POPIConfig
 from cropi_pl.influence.projection import ProjectionConfig, SparseProjector
 from cropi_pl.influence.selection import cosine_scores, target_mean
+from cropi_pl.influence.trajectories import PromptTrajectories, zero_mask
 from cropi_pl.sharding import rank_and_world
 
 
