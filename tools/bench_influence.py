@@ -509,7 +509,6 @@ def scorer_check(
         config.prompts_per_batch,
         config.max_target_prompts,
         config.seed,
-        projection_batch=config.projection_batch,
     )
     with measured() as section:
         got, nonzero = scorer.project(model, work.pool, progress=False)

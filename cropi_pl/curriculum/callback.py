@@ -93,8 +93,10 @@ class CurriculumCallback(L.Callback):
         popi: off-policy gradient options (ratio clipping, reweighting, parameter subset).
         projection: sparse random projection (dimension, kept fraction, kind, seed).
         prompts_per_batch: prompts per backward pass in the influence pass.
-        projection_batch: gradients buffered per projection call (each call streams the random
-            matrix once; memory is this many full gradients).
+        responses_per_prompt: stored responses used per prompt (None: all K); fewer make the
+            influence pass cheaper (``InfluenceScorer``).
+        factorised: ``(k_in, k_out)`` to score with the LoGra-style factorised projection of
+            linear layers instead of full gradients (``InfluenceScorer``).
         method: per-prompt gradients by "hooks" (one backward per batch), "vmap" or "loop"
             (one backward per prompt); default: vmap on CUDA, hooks elsewhere (``POPIGradients``).
         max_target_prompts: target prompts averaged into each target gradient (the paper: 100).
@@ -119,8 +121,9 @@ class CurriculumCallback(L.Callback):
         popi: POPIConfig | None = None,
         projection: ProjectionConfig | None = None,
         prompts_per_batch: int = 8,
-        projection_batch: int = 128,
         method: Method | None = None,
+        responses_per_prompt: int | None = None,
+        factorised: tuple[int, int] | None = None,
         max_target_prompts: int = 100,
         log_drift: bool = False,
         resample: ResampleConfig | None = None,
@@ -140,8 +143,9 @@ class CurriculumCallback(L.Callback):
             projection,
             prompts_per_batch,
             max_target_prompts,
-            projection_batch=projection_batch,
             method=method,
+            responses_per_prompt=responses_per_prompt,
+            factorised=factorised,
         )
         self.log_drift = log_drift
         self.resample = resample

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from cropi_pl.influence.gradients import hooked_backward
-from cropi_pl.influence.popi import POPIConfig, collate, eval_mode, plan_batches, vocab_size_of
+from cropi_pl.influence.popi import POPIConfig, collate, gradient_mode, plan_batches, vocab_size_of
 from cropi_pl.influence.trajectories import PromptTrajectories
 from cropi_pl.seeding import derive_seed
 
@@ -72,7 +72,7 @@ class FactorisedProjection:
 
     def project(self, trajs: Sequence[PromptTrajectories]) -> Iterator[tuple[list[int], Tensor]]:
         """Yield (indices into trajs, (p, dim) float32 projected gradients) for non-zero prompts."""
-        with eval_mode(self.model):
+        with gradient_mode(self.model, self.config):
             for indices in plan_batches(trajs, self._vocab_size, self.prompts_per_batch):
                 yield indices, self._project_batch([trajs[i] for i in indices])
 

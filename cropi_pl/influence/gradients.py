@@ -24,12 +24,13 @@ from cropi_pl.influence.popi import (
     POPIConfig,
     batch_loss,
     collate,
-    eval_mode,
+    gradient_mode,
     logits_of,
     plan_batches,
     prompt_loss,
     vocab_size_of,
 )
+from cropi_pl.influence.projection import SparseProjector
 from cropi_pl.influence.trajectories import PromptTrajectories
 
 Method = Literal["loop", "vmap", "hooks"]
@@ -48,7 +49,8 @@ def hooked_backward(
 
     def capture(name: str) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
         def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-            inputs[name].append(args[0].detach())
+            x = args[0].detach()
+            inputs[name].append(x.float() if x.is_floating_point() else x)
             outputs[name].append(output)
 
         return hook
@@ -60,7 +62,8 @@ def hooked_backward(
         for handle in handles:
             handle.remove()
     hooked = [y for name in modules for y in outputs[name]]
-    out_grads = iter(torch.autograd.grad(batch_loss(logits, block, config), hooked))
+    grads = torch.autograd.grad(batch_loss(logits, block, config), hooked)
+    out_grads = iter(g.float() for g in grads)  # per-prompt sums accumulate in float32
     return {name: [(x, next(out_grads)) for x in inputs[name]] for name in modules}
 
 
@@ -200,14 +203,38 @@ class POPIGradients:
         """Yield (indices into trajs, parameter name, flat offset, (p, numel) float32 gradients).
 
         Only prompts with a non-zero gradient are computed. Prompts are batched in order of
-        sequence length to limit padding, so indices are not monotone across batches.
+        sequence length to limit padding, so indices are not monotone across batches. The
+        "loop" method takes one prompt per batch (it runs one backward per prompt anyway), so at
+        most ``prompts_per_batch`` (one, for "loop") full gradients exist at a time.
         """
-        with eval_mode(self.model):
-            for indices in plan_batches(trajs, self._vocab_size, self.prompts_per_batch):
+        with gradient_mode(self.model, self.config):
+            size = 1 if self.method == "loop" else self.prompts_per_batch
+            for indices in plan_batches(trajs, self._vocab_size, size):
                 grads = self._batch_grads([trajs[i] for i in indices])
                 for name in self.param_names:
                     piece = grads.pop(name).reshape(len(indices), -1).float()
                     yield indices, name, self.offsets[name], piece
+
+    def project(
+        self, trajs: Sequence[PromptTrajectories], projector: SparseProjector
+    ) -> Iterator[tuple[list[int], Tensor]]:
+        """Yield (indices into trajs, (p, k) float32 projections), each gradient streamed into
+        ``projector`` parameter by parameter: no flat (p, num_params) gradient is assembled."""
+        if projector.num_params != self.num_params:
+            raise ValueError(
+                f"projector covers {projector.num_params} coordinates, the gradients "
+                f"{self.num_params}"
+            )
+        indices: list[int] | None = None
+        state = None
+        for batch_indices, _, offset, piece in self.compute_pieces(trajs):
+            if batch_indices is not indices:
+                if indices is not None:
+                    yield indices, projector.finish(state)
+                indices, state = batch_indices, projector.begin(len(batch_indices))
+            projector.add(state, offset, piece)
+        if indices is not None:
+            yield indices, projector.finish(state)
 
     def compute(self, trajs: Sequence[PromptTrajectories]) -> Iterator[tuple[list[int], Tensor]]:
         """Yield (indices into trajs, (p, num_params) float32 flat gradients) batch by batch."""

@@ -38,7 +38,7 @@ _PAD_ID = 0  # any valid id: right pads are never attended to and never scored
 
 @dataclass
 class POPIConfig:
-    """How the off-policy surrogate treats ratios and group statistics.
+    r"""How the off-policy surrogate treats ratios and group statistics.
 
     ``ratio_mode``: "none" uses rho as is (the paper's default); "clip" clamps rho to
     [1 - ratio_bound, 1 + ratio_bound] (zero gradient outside, like ``torch.clamp``); "truncate"
@@ -47,6 +47,11 @@ class POPIConfig:
     sequence weights w_i proportional to exp(mean_t log rho_it), so the baseline estimates the
     current policy's group instead of beta's.
     ``param_filter``: regex (``re.search``) on parameter names; None = every trainable parameter.
+    A subset that leaves out the early layers (e.g. ``r"layers\.(2[6-9])\.|norm|lm_head"``) also
+    shortens the backward pass: autograd stops below the lowest selected parameter.
+    ``autocast_bf16``: run the forward and backward under bfloat16 autocast (matmuls in bf16 with
+    fp32 accumulation; log-probs, the loss and the returned gradients stay float32). Pays off where
+    bf16 matmuls are fast (GPUs, CPUs with AMX); on other CPUs it is slower than fp32.
     """
 
     ratio_mode: RatioMode = "none"
@@ -54,6 +59,7 @@ class POPIConfig:
     reweight_group_stats: bool = False
     adv_eps: float = 1e-4
     param_filter: str | None = None
+    autocast_bf16: bool = False
 
     def __post_init__(self) -> None:
         if self.ratio_mode not in _RATIO_MODES:
@@ -222,6 +228,15 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, training in modes:
             module.train(training)
+
+
+@contextmanager
+def gradient_mode(model: nn.Module, config: POPIConfig) -> Iterator[None]:
+    """Eval mode, under bfloat16 autocast when ``config.autocast_bf16``."""
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=config.autocast_bf16)
+    with eval_mode(model), autocast:
+        yield
 
 
 def batch_loss(logits: Tensor, block: Block, config: POPIConfig) -> Tensor:
