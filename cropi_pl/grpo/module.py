@@ -29,7 +29,7 @@ from cropi_pl.grpo.losses import (
     policy_loss,
 )
 from cropi_pl.grpo.rollout import PackedBatch, pack, pack_token_values, token_logps
-from cropi_pl.policy.build import resolve_model_path
+from cropi_pl.policy.build import check_model_name, resolve_model_path
 from cropi_pl.policy.prompting import PromptEncoder, PromptFormat
 from cropi_pl.policy.quantization import ReferenceQuantization, load_quantized
 from cropi_pl.rewards.base import (
@@ -192,6 +192,7 @@ class GRPOModule(L.LightningModule):
             raise ValueError("num_generations must be >= 2: group advantages need a group")
         if num_iterations < 1:
             raise ValueError("num_iterations must be >= 1")
+        check_model_name(model)
         self.model_name = model
         self.rewards = list(rewards) if rewards else [ExactNumberReward()]
         self.reward_weights = list(reward_weights) if reward_weights else [1.0] * len(self.rewards)
