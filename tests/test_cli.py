@@ -2,7 +2,6 @@
 print_config, resume."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,15 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from cropi_pl.cli import main
 from cropi_pl.policy.build import resolve_model_path
 from cropi_pl.policy.export import HFExport, module_from_checkpoint
-from tests.cli_utils import (
-    ROOT,
-    TINY,
-    completions_table,
-    event_tags,
-    fit_in_empty_cwd,
-    policy_state,
-    run_cli,
-)
+from tests.cli_utils import ROOT, TINY, completions_table, event_tags, policy_state, run_cli
 
 sys.path.insert(0, str(ROOT / "tools"))
 import export_hf  # noqa: E402
@@ -50,11 +41,10 @@ TRL_NAMES = (
 )
 
 
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
-    """One fit from an empty working directory: (run dir, cwd, checkout files it changed)."""
-    run_dir, cwd = tmp_path_factory.mktemp("run"), tmp_path_factory.mktemp("cwd")
-    return run_dir, cwd, fit_in_empty_cwd(run_dir, cwd)
+@pytest.fixture
+def fitted(tiny_fit):
+    """The session's tiny fit from an empty working directory: (run dir, cwd, changed files)."""
+    return tiny_fit
 
 
 def test_fit_writes_tensorboard_reward_and_validation(fitted):
@@ -173,23 +163,15 @@ def test_outputs_default_to_the_run_dir_and_explicit_choices_win(tmp_path):
 
 
 def test_print_config_and_validate(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "cropi_pl", "fit", "--config", str(TINY), "--print_config"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
+    out = run_cli("fit", "--print_config", run_dir=tmp_path).stdout
     assert "class_path: cropi_pl.grpo.module.GRPOModule" in out
     assert "num_generations: 4" in out
     proc = run_cli("validate", run_dir=tmp_path)
     assert "val/targeted/accuracy" in proc.stdout
 
 
-def test_resume_continues_same_step_and_data(tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    run_cli("fit", run_dir=straight)
+def test_resume_continues_same_step_and_data(tiny_fit, tmp_path):
+    straight, split = tiny_fit[0], tmp_path / "split"  # the session's fit is the straight run
     run_cli("fit", "--trainer.max_steps=2", run_dir=split)
     first = torch.load(split / "checkpoints" / "last.ckpt", weights_only=False)
     assert first["global_step"] == 2

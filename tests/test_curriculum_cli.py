@@ -10,9 +10,8 @@ from cropi_pl.curriculum.resampling import ResampledStore
 from cropi_pl.influence.popi import behaviour_logps
 from cropi_pl.influence.trajectories import TrajectoryCache
 from cropi_pl.policy.build import resolve_model_path
-from tests.cli_utils import ROOT, event_tags, fit_in_empty_cwd, policy_state, run_cli
+from tests.cli_utils import CROPI, event_tags, policy_state, run_cli, run_cli_process
 
-CROPI = ROOT / "tests" / "configs" / "cropi_test.yaml"
 KILL = "--trainer.callbacks+=tests.kill.KillAtStep"
 
 
@@ -23,15 +22,14 @@ def _selections(run_dir):
     }
 
 
-@pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
+@pytest.fixture
+def straight_run(cropi_fit):
     """The uninterrupted run, from an empty working directory: (run dir, cwd, checkout files
     the run changed)."""
-    run_dir, cwd = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("cwd")
-    return run_dir, cwd, fit_in_empty_cwd(run_dir, cwd, config=CROPI)
+    return cropi_fit
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def straight(straight_run):
     return straight_run[0]
 
@@ -86,7 +84,8 @@ def test_resampled_rows_replace_stale_prompts_from_the_current_policy(straight):
 
 
 def test_resume_after_sigkill_mid_stage_matches_uninterrupted(straight, tmp_path):
-    proc = run_cli(
+    # a real SIGKILL needs its own process; the resume and the straight run are in-process
+    proc = run_cli_process(
         "fit",
         KILL,
         "--trainer.callbacks.init_args.step=3",
