@@ -50,7 +50,25 @@ class CROPICLI(LightningCLI):
     Without a ``trainer.logger``, TensorBoard logs go to ``<default_root_dir>/tensorboard``;
     TensorBoard loggers write no placeholder ``hp_metric``. One step-counting progress bar
     (:class:`~cropi_pl.progress.StepProgressBar`) unless the config names its own or disables it.
+
+    Its own defaults, so ``CROPICLI(args=[...])`` is the whole command line: any
+    ``LightningModule``/``LightningDataModule`` by ``class_path`` (defaults ``GRPOModule`` and
+    ``CurriculumDataModule``), ``seed_everything: 0``, the resolved config saved with the logs
+    (overwritten on resume), and no automatic ``optimizer``/``lr_scheduler`` keys: the module
+    takes them as its own ``optimizer``/``lr_scheduler`` arguments.
     """
+
+    def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+        defaults: dict[str, Any] = {
+            "model_class": GRPOModule,
+            "datamodule_class": CurriculumDataModule,
+            "subclass_mode_model": True,
+            "subclass_mode_data": True,
+            "seed_everything_default": 0,
+            "save_config_kwargs": {"overwrite": True},
+            "auto_configure_optimizers": False,
+        }
+        super().__init__(args=args, run=run, **{**defaults, **kwargs})
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -107,17 +125,7 @@ def main(args: list[str] | None = None, run: bool = True) -> CROPICLI:
     """Parse ``args`` (default ``sys.argv``); ``run=False`` only instantiates (for tools)."""
     # GRPO steps inside training_step; checkpoints are meant to hold the post-step state.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-    return CROPICLI(
-        model_class=GRPOModule,
-        datamodule_class=CurriculumDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-        args=args,
-        run=run,
-    )
+    return CROPICLI(args=args, run=run)
 
 
 __all__ = ["CROPICLI", "main"]

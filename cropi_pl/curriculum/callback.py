@@ -93,7 +93,7 @@ class CurriculumCallback(L.Callback):
         projection_batch: gradients buffered per projection call (each call streams the random
             matrix once; memory is this many full gradients).
         method: per-prompt gradients by "hooks" (one backward per batch), "vmap" or "loop"
-            (one backward per prompt); default: vmap on CUDA, hooks elsewhere (``POPIGradients``).
+            (one backward per prompt); default: vmap on CUDA, loop elsewhere (``POPIGradients``).
         max_target_prompts: target prompts averaged into each target gradient (the paper: 100).
         log_drift: log KL(behaviour || current) and the importance ratios' effective sample size
             on the cached pool responses at every stage (one extra forward over the cache, about

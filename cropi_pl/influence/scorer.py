@@ -44,7 +44,7 @@ class InfluenceScorer:
     The projector is fixed by its seed, so scores of different stages are comparable. Gradients
     are buffered ``projection_batch`` prompts at a time (memory: that many full gradients) because
     each projection call streams the whole random matrix once. ``method`` is ``POPIGradients``'s
-    (None: vmap on CUDA, one hooked backward per batch of prompts elsewhere).
+    (None: vmap on CUDA, one backward per prompt elsewhere).
     """
 
     def __init__(
