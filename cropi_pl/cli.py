@@ -9,7 +9,7 @@ from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from cropi_pl.curriculum.callback import CurriculumCallback
@@ -49,7 +49,9 @@ class CROPICLI(LightningCLI):
 
     Without a ``trainer.logger``, TensorBoard logs go to ``<default_root_dir>/tensorboard``;
     TensorBoard loggers write no placeholder ``hp_metric``. One step-counting progress bar
-    (:class:`~cropi_pl.progress.StepProgressBar`) unless the config names its own or disables it.
+    (:class:`~cropi_pl.progress.StepProgressBar`) unless the config names its own or disables it,
+    and a ``LearningRateMonitor`` logging every step's learning rate (``lr-<optimizer class>``)
+    unless the config names its own or has no logger.
 
     Its own defaults, so ``CROPICLI(args=[...])`` is the whole command line: any
     ``LightningModule``/``LightningDataModule`` by ``class_path`` (defaults ``GRPOModule`` and
@@ -91,8 +93,8 @@ class CROPICLI(LightningCLI):
             config.checkpoint.dirpath = str(root / CHECKPOINT_DIR)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The trainer with the ``checkpoint``/``curriculum``/``export`` callbacks that are on
-        and the progress bar.
+        """The trainer with the ``checkpoint``/``curriculum``/``export`` callbacks that are on,
+        the progress bar and the learning-rate monitor.
 
         A ``ModelCheckpoint`` listed in ``trainer.callbacks`` replaces the ``checkpoint`` key's;
         a ``CurriculumCallback`` there and the ``curriculum`` key together are refused.
@@ -118,6 +120,9 @@ class CROPICLI(LightningCLI):
         wants_bar = config.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(c, ProgressBar) for c in listed):
             listed.append(StepProgressBar())
+        has_logger = config.get("logger") not in (False, None, [])
+        if has_logger and not any(isinstance(c, LearningRateMonitor) for c in listed):
+            listed.append(LearningRateMonitor(logging_interval="step"))
         return self._instantiate_trainer({**config, "callbacks": listed}, keyed)
 
 

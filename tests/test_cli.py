@@ -53,9 +53,10 @@ def test_fit_writes_tensorboard_reward_and_validation(fitted):
     assert "reward" in tags and len(tags["reward"]) == 4
     assert all(0.0 <= r <= 1.0 for r in tags["reward"])
     assert tags["rewards/exact_number/mean"] == tags["reward"]  # one reward of weight 1
-    for tag in TRL_NAMES + ("val/targeted/accuracy", "accuracy", "learning_rate"):
+    for tag in TRL_NAMES + ("val/targeted/accuracy", "accuracy", "lr-AdamW"):
         assert tag in tags, f"missing {tag}; have {sorted(tags)}"
     assert "hp_metric" not in tags
+    assert tags["lr-AdamW"] == pytest.approx([1e-4] * 4)  # LearningRateMonitor, every step
     assert all(0.0 <= v <= 1.0 for v in tags["completions/clipped_ratio"])
     assert all(v <= 24 for v in tags["completions/max_length"])  # max_completion_length
     table = completions_table(run_dir)

@@ -1,5 +1,7 @@
-"""The CROPI curriculum through the real CLI: stages, saved selections, and resume after SIGKILL."""
+"""The CROPI curriculum through the real CLI: stages, saved selections, resume after SIGKILL,
+and the stage statistics in a logger other than TensorBoard."""
 
+import csv
 import json
 
 import pytest
@@ -110,3 +112,29 @@ def test_resume_after_sigkill_mid_stage_matches_uninterrupted(straight, tmp_path
     )
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_csv_logger_gets_the_stage_statistics_and_the_learning_rate(tmp_path):
+    """Scalars go through the Lightning logger API: a CSVLogger receives what TensorBoard does."""
+    csv_logger = "--trainer.logger=lightning.pytorch.loggers.CSVLogger"
+    args = (f"--trainer.logger.save_dir={tmp_path}", "--trainer.logger.name=csv")
+    run_cli("fit", "--trainer.max_steps=2", csv_logger, *args, config=CROPI, run_dir=tmp_path)
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = {key for row in rows for key, value in row.items() if value != ""}
+    for key in (
+        "curriculum/stage",
+        "curriculum/selection_size",
+        "curriculum/influence_seconds",
+        "curriculum/selection_seconds",
+        "curriculum/zero_gradient_prompts",
+        "curriculum/kl_behaviour_current",
+        "curriculum/ess_fraction",
+        "reward",
+        "loss",
+        "lr-AdamW",
+    ):
+        assert key in logged, f"missing {key}; have {sorted(logged)}"
+    assert any(key.startswith("curriculum/family/") for key in logged)
+    assert [float(r["lr-AdamW"]) for r in rows if r.get("lr-AdamW")] == [1e-4, 1e-4]
+    assert not list(tmp_path.glob("tensorboard")), "an explicit logger replaces TensorBoard"
