@@ -101,7 +101,7 @@ def test_shared_prompt_cache_equals_per_completion_prefill_and_brute_force():
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in texts]
     assert len({len(p) for p in prompts}) > 1
     samples, steps = 3, 12
-    seeds = [row_seed(1, "t", i, j) for i in range(len(prompts)) for j in range(samples)]
+    seeds = [derive_seed(1, "t", i, j) for i in range(len(prompts)) for j in range(samples)]
     common = dict(
         num_samples=samples,
         max_new_tokens=steps,

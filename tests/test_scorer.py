@@ -159,9 +159,9 @@ def test_bf16_autocast_stays_close_to_fp32() -> None:
 
 
 def _rank_main(rank: int, world: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
     model, pool, targets = _setup()
     scorer = InfluenceScorer(projection=ProjectionConfig(dim=32, seed=1), prompts_per_batch=2)
     result = scorer.score(model, pool, targets, progress=False)
@@ -172,7 +172,9 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
 
 def test_two_ranks_give_the_single_process_scores_and_selection(tmp_path):
     out = str(tmp_path / "dist.pt")
-    mp.spawn(_rank_main, args=(2, 29500 + random.randrange(1000), out), nprocs=2, join=True)
+    mp.start_processes(
+        _rank_main, args=(2, 29500 + random.randrange(1000), out), nprocs=2, start_method="fork"
+    )
     distributed = torch.load(out)
     model, pool, targets = _setup()
     scorer = InfluenceScorer(projection=ProjectionConfig(dim=32, seed=1), prompts_per_batch=2)

@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -74,6 +75,17 @@ def stage_summary(
     return line
 
 
+def _histograms(writer: Any, selection: Selection, ctx: SelectionContext, step: int) -> None:
+    """TensorBoard histograms of the stage's scores and of the behaviour pass rates (pool and
+    selection); the scalar statistics go to every logger."""
+    if selection.scores and any(math.isfinite(s) for s in selection.scores):
+        writer.add_histogram("curriculum/scores", torch.tensor(selection.scores), step)
+    if ctx.pass_rate is not None:
+        writer.add_histogram("curriculum/pass_rate_pool", ctx.pass_rate, step)
+        chosen = ctx.pass_rate[torch.tensor(selection.indices)]
+        writer.add_histogram("curriculum/pass_rate_selected", chosen, step)
+
+
 class CurriculumCallback(L.Callback):
     """Stage ``m`` is epoch ``m`` and lasts ``stage_steps`` optimizer steps.
 
@@ -98,7 +110,7 @@ class CurriculumCallback(L.Callback):
         factorised: ``(k_in, k_out)`` to score with the LoGra-style factorised projection of
             linear layers instead of full gradients (``InfluenceScorer``).
         method: per-prompt gradients by "hooks" (one backward per batch), "vmap" or "loop"
-            (one backward per prompt); default: vmap on CUDA, hooks elsewhere (``POPIGradients``).
+            (one backward per prompt); default: vmap on CUDA, loop elsewhere (``POPIGradients``).
         max_target_prompts: target prompts averaged into each target gradient (the paper: 100).
         log_drift: log KL(behaviour || current) and the importance ratios' effective sample size
             on the cached pool responses at every stage (one extra forward over the cache, about
@@ -221,7 +233,7 @@ class CurriculumCallback(L.Callback):
         selection = self.selector.select(ctx, n)
         selection.stage = stage
         metrics["curriculum/selection_seconds"] = time.perf_counter() - start
-        self._record(trainer, module, selection, ctx, metrics)
+        self._record(trainer, selection, ctx, metrics)
         return selection
 
     # ---------------------------------------------------------------- helpers
@@ -277,7 +289,6 @@ class CurriculumCallback(L.Callback):
     def _record(
         self,
         trainer: L.Trainer,
-        module: L.LightningModule,
         selection: Selection,
         ctx: SelectionContext,
         metrics: dict[str, float],
@@ -300,16 +311,10 @@ class CurriculumCallback(L.Callback):
         for family, count in families.items():
             metrics[f"curriculum/family/{family}"] = count / len(selection.indices)
         rank_zero_info(stage_summary(selection, len(dm.pool), families, ctx, metrics))
-        writer = getattr(module.logger, "experiment", None)
         step = stage * self.stage_steps
-        if writer is not None and hasattr(writer, "add_scalar"):
-            for key, value in metrics.items():
-                writer.add_scalar(key, value, step)
-            if selection.scores and any(math.isfinite(s) for s in selection.scores):
-                writer.add_histogram("curriculum/scores", torch.tensor(selection.scores), step)
-            if ctx.pass_rate is not None:
-                writer.add_histogram("curriculum/pass_rate_pool", ctx.pass_rate, step)
-                chosen = ctx.pass_rate[torch.tensor(selection.indices)]
-                writer.add_histogram("curriculum/pass_rate_selected", chosen, step)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+            if isinstance(logger, TensorBoardLogger):
+                _histograms(logger.experiment, selection, ctx, step)
         with atomic_file(directory / f"stage-{stage:03d}.metrics.json") as tmp:
             Path(tmp).write_text(json.dumps(metrics, indent=1, sort_keys=True))

@@ -377,7 +377,6 @@ class GRPOModule(L.LightningModule):
                 "throughput/train_tokens_per_s": hp.num_iterations
                 * float(packed.mask.sum())
                 / max(t3 - t2, 1e-9),
-                "learning_rate": self.optimizers().param_groups[0]["lr"],
             }
         )
         self._maybe_log_completions(batch, scored, advantages.flatten())

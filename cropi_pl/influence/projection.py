@@ -1,4 +1,4 @@
-"""Seeded sparse random projection ``P = R^T S_I`` of flat gradient vectors (METHOD.md section 4).
+"""Seeded sparse random projection ``P = R^T S_I`` of flat gradient vectors (docs/method.md 4).
 
 A gradient ``g`` of ``d`` coordinates is reduced in two steps that depend only on the seed, so every
 prompt, every process and every curriculum stage sees the same projection and their scores stay

@@ -1,4 +1,4 @@
-"""Target gradients, cosine scores and the data selectors of one curriculum stage (METHOD.md 5-6).
+"""Target gradients, cosine scores and the selectors of one curriculum stage (docs/method.md 5-6).
 
 Influence selection scores each pool prompt by the cosine between its projected gradient and the
 mean projected gradient of each target (validation) set, then merges the per-set rankings. The
