@@ -553,7 +553,11 @@ def embedded_section(config: BenchConfig) -> dict[str, Any]:
         combined = combined_pass(model, work.pool, work.targets, {})
     rows = embedded_rows(model, work, combined.exact, config)
     fast = [r for r in rows if r.fidelity["precision_at_10pct"] >= PRECISION_TARGET]
-    default = min(fast or rows, key=lambda r: r.seconds_per_prompt)
+    default = (
+        min(fast, key=lambda r: r.seconds_per_prompt)
+        if fast
+        else max(rows, key=lambda r: r.fidelity["precision_at_10pct"])
+    )
     sketch_row = next(r for r in rows if r.name == f"countsketch k={config.default_dim}")
     peak = gemm_peak(config.threads)
     flops = pass_flops(model, work.pool) + pass_flops(model, work.targets)
@@ -567,7 +571,8 @@ def embedded_section(config: BenchConfig) -> dict[str, Any]:
         "eligible_targets": len(eligible(work.targets)),
         "exact_seconds": exact_section.seconds,
         "rows": [asdict(r) for r in rows],
-        "fastest_at_precision_target": default.name,
+        "fastest_at_precision_target": default.name if fast else None,
+        "most_precise": max(rows, key=lambda r: r.fidelity["precision_at_10pct"]).name,
         "roofline": {
             "gemm_peak_flops": peak,
             "influence_pass_flops": flops,
@@ -804,6 +809,7 @@ def run(config: BenchConfig, previous: dict[str, Any]) -> dict[str, Any]:
             result[name] = selection_section(config, default)
         else:
             result[name] = smollm2_section(config)
+        result[name]["config"] = asdict(config)
         result[name]["wall_seconds"] = time.perf_counter() - start
         result[name]["load_average_at_end"] = os.getloadavg()
     return summarize(result, config)
