@@ -1,9 +1,10 @@
 """Atomic writes (a file or folder appears complete under its final name or not at all) and
 file digests.
 
-Model folders (the converted embedded model, the HF export at the end of ``fit``) and
-checkpoints are read by other processes and tools; a crash or a full disk mid-write must never
-leave a half-written file or folder that a later run trusts.
+Model folders (the converted embedded model, the HF export at the end of ``fit``), checkpoints,
+trajectory shards, manifests, projected gradients and benchmark results are read by other
+processes and tools; a crash or a full disk mid-write must never leave a half-written artifact
+that a later run trusts.
 """
 
 from __future__ import annotations
@@ -15,6 +16,31 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it is fsynced and replaces ``path`` in
+    one ``os.replace``, so readers never see a half-written file (a crash leaves the old one)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """``Path(path).write_bytes(data)``, atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 @contextmanager
@@ -44,21 +70,6 @@ def publish_directory(tmp: Path, target: Path) -> None:
     For writers that fill the folder from several processes (FSDP2 checkpoint shards)."""
     _finish_files(tmp)
     _publish(tmp, target)
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` through a fsynced temporary file and one rename."""
-    target = Path(path)
-    handle, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:

@@ -31,7 +31,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from cropi_pl.atomic import publish_directory, sha256_file, write_text_atomic
+from cropi_pl.atomic import publish_directory, sha256_file, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +69,9 @@ def save_verified(checkpoint: dict[str, Any], path: str | os.PathLike[str]) -> N
         digest = sha256_file(tmp)
         record = sidecar(target)
         previous = _recorded(record)[:1] if target.exists() else []
-        write_text_atomic(record, json.dumps({"sha256": [digest, *previous]}))
+        write_bytes_atomic(record, json.dumps({"sha256": [digest, *previous]}).encode())
         os.replace(tmp, target)
-        write_text_atomic(record, json.dumps({"sha256": [digest]}))
+        write_bytes_atomic(record, json.dumps({"sha256": [digest]}).encode())
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

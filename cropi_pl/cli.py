@@ -11,7 +11,7 @@ from jsonargparse import Namespace
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.accelerators import CPUAccelerator
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from cropi_pl.checkpointing import VerifiedCheckpointIO
@@ -52,13 +52,33 @@ class CROPICLI(LightningCLI):
 
     Without a ``trainer.logger``, TensorBoard logs go to ``<default_root_dir>/tensorboard``;
     TensorBoard loggers write no placeholder ``hp_metric``. One step-counting progress bar
-    (:class:`~cropi_pl.progress.StepProgressBar`) unless the config names its own or disables it.
+    (:class:`~cropi_pl.progress.StepProgressBar`) unless the config names its own or disables it,
+    and a ``LearningRateMonitor`` logging every step's learning rate (``lr-<optimizer class>``)
+    unless the config names its own or has no logger.
     Checkpoints are written atomically with a checksum verified on load
     (:class:`~cropi_pl.checkpointing.VerifiedCheckpointIO`, installed unless a strategy or plugin
-    brings its own checkpoint IO). ``--ckpt_path last`` with no last checkpoint is an error
-    unless ``--resume_if_missing true``, and ``precision: 16-mixed`` on CPU is refused
-    (Lightning would run bf16-mixed instead).
+    brings its own checkpoint IO).
+    ``--ckpt_path last`` with no last checkpoint is an error unless ``--resume_if_missing true``,
+    and ``precision: 16-mixed`` on CPU is refused (Lightning would run bf16-mixed instead).
+
+    Its own defaults, so ``CROPICLI(args=[...])`` is the whole command line: any
+    ``LightningModule``/``LightningDataModule`` by ``class_path`` (defaults ``GRPOModule`` and
+    ``CurriculumDataModule``), ``seed_everything: 0``, the resolved config saved with the logs
+    (overwritten on resume), and no automatic ``optimizer``/``lr_scheduler`` keys: the module
+    takes them as its own ``optimizer``/``lr_scheduler`` arguments.
     """
+
+    def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+        defaults: dict[str, Any] = {
+            "model_class": GRPOModule,
+            "datamodule_class": CurriculumDataModule,
+            "subclass_mode_model": True,
+            "subclass_mode_data": True,
+            "seed_everything_default": 0,
+            "save_config_kwargs": {"overwrite": True},
+            "auto_configure_optimizers": False,
+        }
+        super().__init__(args=args, run=run, **{**defaults, **kwargs})
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -112,8 +132,8 @@ class CROPICLI(LightningCLI):
             config.checkpoint.dirpath = str(root / CHECKPOINT_DIR)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The trainer with the ``checkpoint``/``curriculum``/``export`` callbacks that are on
-        and the progress bar.
+        """The trainer with the ``checkpoint``/``curriculum``/``export`` callbacks that are on,
+        the progress bar and the learning-rate monitor.
 
         A ``ModelCheckpoint`` listed in ``trainer.callbacks`` replaces the ``checkpoint`` key's;
         a ``CurriculumCallback`` there and the ``curriculum`` key together are refused.
@@ -139,6 +159,9 @@ class CROPICLI(LightningCLI):
         wants_bar = config.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(c, ProgressBar) for c in listed):
             listed.append(StepProgressBar())
+        has_logger = config.get("logger") not in (False, None, [])
+        if has_logger and not any(isinstance(c, LearningRateMonitor) for c in listed):
+            listed.append(LearningRateMonitor(logging_interval="step"))
         trainer = self._instantiate_trainer({**config, "callbacks": listed}, keyed)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default one
             trainer.strategy.checkpoint_io = VerifiedCheckpointIO()
@@ -157,17 +180,7 @@ def main(args: list[str] | None = None, run: bool = True) -> CROPICLI:
     """Parse ``args`` (default ``sys.argv``); ``run=False`` only instantiates (for tools)."""
     # GRPO steps inside training_step; checkpoints are meant to hold the post-step state.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-    return CROPICLI(
-        model_class=GRPOModule,
-        datamodule_class=CurriculumDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-        args=args,
-        run=run,
-    )
+    return CROPICLI(args=args, run=run)
 
 
 __all__ = ["CROPICLI", "main"]

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from cropi_pl.checkpointing import MANIFEST, CheckpointCorrupted
 from cropi_pl.policy.build import resolve_model_path
 from cropi_pl.policy.export import module_from_checkpoint
-from tests.cli_utils import ROOT, event_tags, run_cli
+from tests.cli_utils import ROOT, event_tags, run_cli, run_cli_process
 
 pytestmark = pytest.mark.distributed
 RTOL, ATOL = 1e-4, 1e-6
@@ -27,24 +27,26 @@ def initial():
     return model.state_dict()
 
 
-def _run(run_dir, *extra):
-    """(train losses, grad norms, rewards, exported tensors) of a 2-rollout fit."""
-    run_cli(
-        "fit",
-        "--trainer.max_steps=4",
-        "--trainer.val_check_interval=2",
-        "--model.init_args.num_iterations=2",
-        *extra,
-        run_dir=run_dir,
-    )
+def _outputs(run_dir):
+    """(train losses, grad norms, rewards, exported tensors) of a fit."""
     tags = event_tags(run_dir)
     exported = load_file(run_dir / "hf_model" / "model.safetensors")
     return tuple(torch.tensor(tags[k]) for k in ("loss", "grad_norm", "reward")) + (exported,)
 
 
+ARGS = (
+    "fit",
+    "--trainer.max_steps=4",  # two rollouts of two optimizer steps each
+    "--trainer.val_check_interval=2",
+    "--model.init_args.num_iterations=2",
+)
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("single"))
+    run_dir = tmp_path_factory.mktemp("single")
+    run_cli(*ARGS, run_dir=run_dir)
+    return _outputs(run_dir)
 
 
 def test_the_single_process_reference_is_informative(single, initial):
@@ -58,7 +60,9 @@ def test_the_single_process_reference_is_informative(single, initial):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_process_updates_and_export_match_single_process(strategy, single, initial, tmp_path):
     config = str(ROOT / "configs" / "strategy" / f"{strategy}.yaml")
-    loss, grad_norm, reward, exported = _run(tmp_path, "--config", config)
+    # the strategy launches its ranks as processes re-running the command: a real subprocess
+    run_cli_process(*ARGS, "--config", config, run_dir=tmp_path)
+    loss, grad_norm, reward, exported = _outputs(tmp_path)
     ref_loss, ref_grad_norm, ref_reward, ref_exported = single
     torch.testing.assert_close(reward, ref_reward, rtol=0, atol=1e-6)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-6)
@@ -86,5 +90,7 @@ def test_two_process_updates_and_export_match_single_process(strategy, single, i
         shard.write_bytes(bytes(data))
         with pytest.raises(CheckpointCorrupted, match=rf"{shard.name} differs"):
             module_from_checkpoint(folder)
-        proc = run_cli("fit", "--config", config, "--ckpt_path=last", run_dir=tmp_path, check=False)
+        proc = run_cli_process(
+            "fit", "--config", config, "--ckpt_path=last", run_dir=tmp_path, check=False
+        )
         assert proc.returncode != 0 and f"{shard.name} differs" in proc.stderr

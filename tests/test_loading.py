@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from cropi_pl.tasks import FAMILIES, PromptFile, SyntheticTasks, generate_tasks,
 from cropi_pl.tasks.loading import extract_gold
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+import export_tasks  # noqa: E402
 
 GSM8K_ROWS = [
     {"question": "Ann has 3 apples and buys 4.", "answer": "3+4=7\n#### 7"},
@@ -158,28 +161,24 @@ def test_load_source_validation(tmp_path: Path) -> None:
     assert len(synthetic) == 5
 
 
-def export(*args: str) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    return subprocess.run(
-        [sys.executable, str(REPO / "tools" / "export_tasks.py"), *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def export(*args: str) -> tuple[int, str]:
+    """``tools/export_tasks.py args`` in this process: (exit status, stderr)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = export_tasks.main(list(args))
+        except SystemExit as exit_:  # argparse's error exit
+            code = exit_.code
+    return code, err.getvalue()
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
 def test_export_round_trip(tmp_path: Path, suffix: str) -> None:
     out = tmp_path / "nested" / f"train{suffix}"
-    done = export(
+    code, stderr = export(
         "--split", "train", "--num-per-cell", "6", "--families", "add", "mul", "--out", str(out)
     )
-    assert done.returncode == 0, done.stderr
+    assert code == 0, stderr
     assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no temp file left behind
     expected = generate_tasks(["add", "mul"], num_per_cell=6, split="train")
     loaded = load_source(
@@ -201,8 +200,8 @@ def test_export_round_trip(tmp_path: Path, suffix: str) -> None:
 
 
 def test_export_rejects_bad_output(tmp_path: Path) -> None:
-    done = export("--out", str(tmp_path / "tasks.csv"))
-    assert done.returncode != 0 and "--out must end in" in done.stderr
+    code, stderr = export("--out", str(tmp_path / "tasks.csv"))
+    assert code != 0 and "--out must end in" in stderr
     assert not (tmp_path / "tasks.csv").exists()
 
 

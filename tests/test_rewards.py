@@ -62,6 +62,15 @@ def test_extract_answer(text: str, expected: str | None) -> None:
     assert extract_answer(text) == expected
 
 
+def test_boxed_first_prefers_the_box_over_a_stray_hash_line() -> None:
+    text = "9 * 3 = 27 stickers.\n#### 2\nThe answer is \\boxed{27}."  # SmolLM2, as sampled
+    assert extract_answer(text) == "2" and extract_answer(text, boxed_first=True) == "27"
+    assert extract_answer("7 apples\n#### 7", boxed_first=True) == "7"  # no box: the hashes
+    assert extract_answer("so 7 apples", boxed_first=True) == "7"  # neither: the last number
+    assert score(MathVerifyReward(), [text], ["27"]) == [0.0]
+    assert score(MathVerifyReward(boxed_first=True), [text, text], ["27", "2"]) == [1.0, 0.0]
+
+
 def test_last_boxed_nested_and_unbalanced() -> None:
     assert last_boxed("\\boxed{\\sqrt{\\frac{a}{b}}} end") == "\\sqrt{\\frac{a}{b}}"
     assert last_boxed("\\boxed{1} \\boxed{{2}") is None

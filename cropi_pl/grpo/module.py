@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cropi_pl.generation import Completion, GenerationEngine, HFGenerateEngine, row_seed
+from cropi_pl.generation import Completion, GenerationEngine, HFGenerateEngine
 from cropi_pl.generation.engine import mark_weights_updated
 from cropi_pl.grpo.advantages import group_advantages, zero_std_fraction
 from cropi_pl.grpo.losses import (
@@ -42,6 +42,7 @@ from cropi_pl.rewards.base import (
     safe_rewards,
 )
 from cropi_pl.rewards.numeric import ExactNumberReward
+from cropi_pl.seeding import derive_seed, run_seed
 from cropi_pl.sharding import shard_per_layer
 
 TABLE_PROMPTS = 4  # prompts (with all their completions) in the TensorBoard completions table
@@ -149,7 +150,8 @@ class GRPOModule(L.LightningModule):
         max_nonfinite_steps: an optimizer step whose loss or gradient norm is not finite is
             skipped (no update) and counted (``train/nonfinite_steps``); this many in a row stop
             the run with an error naming the step and the last checkpoint (0: never stop).
-        seed: base of the per-completion sampling seeds.
+        seed: base of the per-completion sampling seeds; default the run's ``seed_everything``
+            (:func:`~cropi_pl.seeding.run_seed`).
     """
 
     def __init__(
@@ -189,7 +191,7 @@ class GRPOModule(L.LightningModule):
         log_completions_every_n_steps: int = 50,
         gradient_checkpointing: bool = False,
         max_nonfinite_steps: int = 3,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["rewards", "engine", "optimizer", "lr_scheduler"])
@@ -200,6 +202,7 @@ class GRPOModule(L.LightningModule):
         if max_nonfinite_steps < 0:
             raise ValueError(f"max_nonfinite_steps must be >= 0, got {max_nonfinite_steps}")
         check_model_name(model)
+        self.sampling_seed = run_seed(seed)
         self.model_name = model
         self.rewards = list(rewards) if rewards else [ExactNumberReward()]
         self.reward_weights = list(reward_weights) if reward_weights else [1.0] * len(self.rewards)
@@ -292,7 +295,7 @@ class GRPOModule(L.LightningModule):
         prompts = self.prompts.encode_rows(rows)
         step = self.global_step if tag == "train" else 0
         seeds = [
-            row_seed(self.hparams.seed, tag, step, r["id"], j)
+            derive_seed(self.sampling_seed, tag, step, r["id"], j)
             for r in rows
             for j in range(num_samples)
         ]
@@ -385,7 +388,6 @@ class GRPOModule(L.LightningModule):
                 "throughput/train_tokens_per_s": hp.num_iterations
                 * float(packed.mask.sum())
                 / max(t3 - t2, 1e-9),
-                "learning_rate": self.optimizers().param_groups[0]["lr"],
                 "train/nonfinite_steps": float(self.nonfinite_steps),
             }
         )

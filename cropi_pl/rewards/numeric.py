@@ -56,10 +56,13 @@ def _last_number_match(text: str) -> re.Match[str] | None:
     return last[0] if last else None
 
 
-def extract_answer(text: str) -> str | None:
-    """The answer a completion commits to: after the last ``####``, else the last ``\\boxed{}``,
-    else the last number in the text; None when there is none."""
-    for candidate in (after_hashes(text), last_boxed(text)):
+def extract_answer(text: str, boxed_first: bool = False) -> str | None:
+    """The answer a completion commits to: after the last ``####``, else the last ``\\boxed{}``
+    (the other way round with ``boxed_first``, for prompts that ask for ``\\boxed{}``: small
+    models also write stray ``####`` lines), else the last number in the text; None when there
+    is none."""
+    markers = (last_boxed, after_hashes) if boxed_first else (after_hashes, last_boxed)
+    for candidate in (find(text) for find in markers):
         if candidate:
             return candidate
     match = _last_number_match(text)
