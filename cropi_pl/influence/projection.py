@@ -45,7 +45,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cropi_pl.atomic import atomic_file
-from cropi_pl.seeding import derive_seed
+from cropi_pl.seeding import derive_seed, run_seed
 
 __all__ = [
     "ProjectionConfig",
@@ -73,11 +73,12 @@ class ProjectionConfig:
     kept_fraction: float | None = 1.0
     kept_count: int | None = None
     kind: Literal["gaussian", "rademacher", "countsketch"] = "countsketch"
-    seed: int = 0
+    seed: int | None = None  # None: the run's seed_everything (cropi_pl.seeding.run_seed)
     block_size: int = 1 << 20
     chunk_rows: int = 2048
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "seed", run_seed(self.seed))
         if (self.kept_fraction is None) == (self.kept_count is None):
             raise ValueError(
                 "ProjectionConfig: set exactly one of kept_fraction and kept_count "
