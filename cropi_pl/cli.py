@@ -9,7 +9,8 @@ from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from cropi_pl.curriculum.callback import CurriculumCallback
@@ -49,8 +50,30 @@ class CROPICLI(LightningCLI):
 
     Without a ``trainer.logger``, TensorBoard logs go to ``<default_root_dir>/tensorboard``;
     TensorBoard loggers write no placeholder ``hp_metric``. One step-counting progress bar
-    (:class:`~cropi_pl.progress.StepProgressBar`) unless the config names its own or disables it.
+    (:class:`~cropi_pl.progress.StepProgressBar`) unless the config names its own or disables it,
+    and a ``LearningRateMonitor`` logging every step's learning rate (``lr-<optimizer class>``)
+    unless the config names its own or has no logger.
+    ``--ckpt_path last`` with no last checkpoint is an error unless ``--resume_if_missing true``,
+    and ``precision: 16-mixed`` on CPU is refused (Lightning would run bf16-mixed instead).
+
+    Its own defaults, so ``CROPICLI(args=[...])`` is the whole command line: any
+    ``LightningModule``/``LightningDataModule`` by ``class_path`` (defaults ``GRPOModule`` and
+    ``CurriculumDataModule``), ``seed_everything: 0``, the resolved config saved with the logs
+    (overwritten on resume), and no automatic ``optimizer``/``lr_scheduler`` keys: the module
+    takes them as its own ``optimizer``/``lr_scheduler`` arguments.
     """
+
+    def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+        defaults: dict[str, Any] = {
+            "model_class": GRPOModule,
+            "datamodule_class": CurriculumDataModule,
+            "subclass_mode_model": True,
+            "subclass_mode_data": True,
+            "seed_everything_default": 0,
+            "save_config_kwargs": {"overwrite": True},
+            "auto_configure_optimizers": False,
+        }
+        super().__init__(args=args, run=run, **{**defaults, **kwargs})
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -59,6 +82,37 @@ class CROPICLI(LightningCLI):
             CurriculumCallback, "curriculum", subclass_mode=True, required=False
         )
         parser.add_lightning_class_args(HFExport, "export")
+        parser.add_argument(
+            "--resume_if_missing",
+            type=bool,
+            default=False,
+            help="with --ckpt_path last: go on without a checkpoint when there is no last one "
+            "(default: that is an error, so a resumed run never silently restarts)",
+        )
+
+    def before_fit(self) -> None:
+        self._check_last_checkpoint()
+
+    def before_validate(self) -> None:
+        self._check_last_checkpoint()
+
+    def before_test(self) -> None:
+        self._check_last_checkpoint()
+
+    def _check_last_checkpoint(self) -> None:
+        """Refuse ``--ckpt_path last`` without a last checkpoint unless ``resume_if_missing``
+        (Lightning only warns and starts from scratch)."""
+        config = self.config[self.subcommand]
+        if config.get("ckpt_path") != "last" or config.get("resume_if_missing"):
+            return
+        folders = [Path(cb.dirpath) for cb in self.trainer.checkpoint_callbacks if cb.dirpath]
+        found = [path for folder in folders for path in folder.glob("last*.ckpt")]
+        if not found:
+            where = ", ".join(map(str, folders)) or "nowhere (checkpointing is off)"
+            raise FileNotFoundError(
+                f"--ckpt_path last: no last checkpoint in {where}; to start this run from scratch "
+                "anyway add --resume_if_missing true"
+            )
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -73,8 +127,8 @@ class CROPICLI(LightningCLI):
             config.checkpoint.dirpath = str(root / CHECKPOINT_DIR)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The trainer with the ``checkpoint``/``curriculum``/``export`` callbacks that are on
-        and the progress bar.
+        """The trainer with the ``checkpoint``/``curriculum``/``export`` callbacks that are on,
+        the progress bar and the learning-rate monitor.
 
         A ``ModelCheckpoint`` listed in ``trainer.callbacks`` replaces the ``checkpoint`` key's;
         a ``CurriculumCallback`` there and the ``curriculum`` key together are refused.
@@ -100,24 +154,26 @@ class CROPICLI(LightningCLI):
         wants_bar = config.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(c, ProgressBar) for c in listed):
             listed.append(StepProgressBar())
-        return self._instantiate_trainer({**config, "callbacks": listed}, keyed)
+        has_logger = config.get("logger") not in (False, None, [])
+        if has_logger and not any(isinstance(c, LearningRateMonitor) for c in listed):
+            listed.append(LearningRateMonitor(logging_interval="step"))
+        trainer = self._instantiate_trainer({**config, "callbacks": listed}, keyed)
+        if str(config.get("precision")) in ("16", "16-mixed") and isinstance(
+            trainer.accelerator, CPUAccelerator
+        ):
+            raise ValueError(
+                f"precision {config['precision']!r} needs a GPU: float16 AMP does not run on CPU "
+                "(Lightning would silently switch to bf16-mixed); use precision: bf16-mixed "
+                "(configs/precision/bf16-mixed.yaml) or 32-true on CPU"
+            )
+        return trainer
 
 
 def main(args: list[str] | None = None, run: bool = True) -> CROPICLI:
     """Parse ``args`` (default ``sys.argv``); ``run=False`` only instantiates (for tools)."""
     # GRPO steps inside training_step; checkpoints are meant to hold the post-step state.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-    return CROPICLI(
-        model_class=GRPOModule,
-        datamodule_class=CurriculumDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-        args=args,
-        run=run,
-    )
+    return CROPICLI(args=args, run=run)
 
 
 __all__ = ["CROPICLI", "main"]

@@ -1,49 +1,128 @@
-"""Helpers that drive the real ``python -m cropi_pl`` CLI in a subprocess."""
+"""Helpers that drive the real CLI: in this process through ``cropi_pl.cli.main`` (the
+default: no interpreter start-up, no re-import of torch and Lightning), or in a fresh
+``python -m cropi_pl`` subprocess where a separate process is the point (a SIGKILL, a launcher
+that spawns ranks, a tool script)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import subprocess
 import sys
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+
+from cropi_pl.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny_test.yaml"
+CROPI = ROOT / "tests" / "configs" / "cropi_test.yaml"
+
+
+@dataclass
+class CLIRun:
+    """What a CLI run left behind: exit status (0 on success) and its console text."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _cli_args(args: tuple[str, ...], run_dir: Path, config: Path) -> list[str]:
+    """``<args[0]> --config config --trainer.default_root_dir=run_dir <args[1:]>`` (no
+    subcommand when ``args`` is empty)."""
+    return [*args[:1], "--config", str(config), f"--trainer.default_root_dir={run_dir}", *args[1:]]
+
+
+def _checked(run: CLIRun, check: bool) -> CLIRun:
+    if check and run.returncode != 0:
+        raise AssertionError(
+            f"CLI failed ({run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
+        )
+    return run
+
+
+@contextlib.contextmanager
+def _isolated():
+    """What a run changes in this process is undone afterwards: the environment (Lightning
+    sets ``PL_GLOBAL_SEED``, ``MASTER_PORT``, ...), a process group it initialised, the thread
+    count. The run gets one intra-op thread, as a subprocess does with ``OMP_NUM_THREADS=1``, so
+    it computes the same numbers here as in a fresh process."""
+    environ = dict(os.environ)
+    threads = torch.get_num_threads()
+    had_group = dist.is_initialized()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if dist.is_initialized() and not had_group:
+            dist.destroy_process_group()
+        torch.set_num_threads(threads)
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 def run_cli(
+    *args: str, run_dir: Path, config: Path = TINY, check: bool = True, cwd: Path = ROOT
+) -> CLIRun:
+    """Run ``cropi_pl.cli.main([args[0], "--config", config, ...])`` in this process from
+    ``cwd``, with every output of the run under ``run_dir`` (``--trainer.default_root_dir``).
+
+    stdout, stderr and Lightning's console log are captured; an exception or ``SystemExit``
+    becomes a non-zero ``returncode`` with the traceback in ``stderr``, as a subprocess's would.
+    """
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    lightning_log = logging.getLogger("lightning.pytorch")
+    lightning_log.addHandler(handler)
+    code = 0
+    try:
+        with (
+            contextlib.chdir(cwd),
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+            _isolated(),
+        ):
+            try:
+                main(_cli_args(args, run_dir, config))
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        lightning_log.removeHandler(handler)
+    return _checked(CLIRun(code, out.getvalue(), err.getvalue()), check)
+
+
+def run_cli_process(
     *args: str,
     run_dir: Path,
     config: Path = TINY,
     timeout: float = 300,
     check: bool = True,
-    cwd: Path = ROOT,
     script: Path | None = None,
-) -> subprocess.CompletedProcess:
-    """Run ``python -m cropi_pl <args[0]> --config config <args[1:]>`` with every output of the
-    run under ``run_dir`` (``--trainer.default_root_dir``); this checkout's ``cropi_pl`` is
-    imported whatever ``cwd`` is. ``script`` runs that tool instead of ``-m cropi_pl``, with the
-    same arguments but no subcommand."""
-    paths = [f"--trainer.default_root_dir={run_dir}"]
+) -> CLIRun:
+    """``run_cli`` in a fresh ``python -m cropi_pl`` process (this checkout's ``cropi_pl``).
+    ``script`` runs that tool instead, with the same arguments but no subcommand."""
     if script is None:
-        cmd = [sys.executable, "-m", "cropi_pl", *args[:1], "--config", str(config), *paths]
-        cmd += args[1:]
+        cmd = [sys.executable, "-m", "cropi_pl", *_cli_args(args, run_dir, config)]
     else:
-        cmd = [sys.executable, str(script), "--config", str(config), *paths, *args]
+        cmd = [sys.executable, str(script), *_cli_args((), run_dir, config), *args]
     env = {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"CLI failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-        )
-    return proc
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    return _checked(CLIRun(proc.returncode, proc.stdout, proc.stderr), check)
 
 
 SCRATCH = {".git", "__pycache__", ".pytest_cache", ".ruff_cache"}

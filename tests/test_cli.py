@@ -2,7 +2,6 @@
 print_config, resume."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,17 +11,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cropi_pl.cli import main
+from cropi_pl.grpo.module import GRPOModule
 from cropi_pl.policy.build import resolve_model_path
 from cropi_pl.policy.export import HFExport, module_from_checkpoint
-from tests.cli_utils import (
-    ROOT,
-    TINY,
-    completions_table,
-    event_tags,
-    fit_in_empty_cwd,
-    policy_state,
-    run_cli,
-)
+from tests.cli_utils import ROOT, TINY, completions_table, event_tags, policy_state, run_cli
 
 sys.path.insert(0, str(ROOT / "tools"))
 import export_hf  # noqa: E402
@@ -50,11 +42,10 @@ TRL_NAMES = (
 )
 
 
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
-    """One fit from an empty working directory: (run dir, cwd, checkout files it changed)."""
-    run_dir, cwd = tmp_path_factory.mktemp("run"), tmp_path_factory.mktemp("cwd")
-    return run_dir, cwd, fit_in_empty_cwd(run_dir, cwd)
+@pytest.fixture
+def fitted(tiny_fit):
+    """The session's tiny fit from an empty working directory: (run dir, cwd, changed files)."""
+    return tiny_fit
 
 
 def test_fit_writes_tensorboard_reward_and_validation(fitted):
@@ -63,9 +54,10 @@ def test_fit_writes_tensorboard_reward_and_validation(fitted):
     assert "reward" in tags and len(tags["reward"]) == 4
     assert all(0.0 <= r <= 1.0 for r in tags["reward"])
     assert tags["rewards/exact_number/mean"] == tags["reward"]  # one reward of weight 1
-    for tag in TRL_NAMES + ("val/targeted/accuracy", "accuracy", "learning_rate"):
+    for tag in TRL_NAMES + ("val/targeted/accuracy", "accuracy", "lr-AdamW"):
         assert tag in tags, f"missing {tag}; have {sorted(tags)}"
     assert "hp_metric" not in tags
+    assert tags["lr-AdamW"] == pytest.approx([1e-4] * 4)  # LearningRateMonitor, every step
     assert all(0.0 <= v <= 1.0 for v in tags["completions/clipped_ratio"])
     assert all(v <= 24 for v in tags["completions/max_length"])  # max_completion_length
     table = completions_table(run_dir)
@@ -173,23 +165,15 @@ def test_outputs_default_to_the_run_dir_and_explicit_choices_win(tmp_path):
 
 
 def test_print_config_and_validate(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "cropi_pl", "fit", "--config", str(TINY), "--print_config"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
+    out = run_cli("fit", "--print_config", run_dir=tmp_path).stdout
     assert "class_path: cropi_pl.grpo.module.GRPOModule" in out
     assert "num_generations: 4" in out
     proc = run_cli("validate", run_dir=tmp_path)
     assert "val/targeted/accuracy" in proc.stdout
 
 
-def test_resume_continues_same_step_and_data(tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    run_cli("fit", run_dir=straight)
+def test_resume_continues_same_step_and_data(tiny_fit, tmp_path):
+    straight, split = tiny_fit[0], tmp_path / "split"  # the session's fit is the straight run
     run_cli("fit", "--trainer.max_steps=2", run_dir=split)
     first = torch.load(split / "checkpoints" / "last.ckpt", weights_only=False)
     assert first["global_step"] == 2
@@ -203,3 +187,42 @@ def test_resume_continues_same_step_and_data(tmp_path):
     wb = policy_state(split / "checkpoints" / "last.ckpt")
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_resume_from_last_without_a_checkpoint_is_an_error_unless_opted_in(tmp_path):
+    proc = run_cli("fit", "--ckpt_path=last", run_dir=tmp_path / "a", check=False)
+    assert proc.returncode != 0
+    assert "--ckpt_path last: no last checkpoint in" in proc.stderr
+    assert "--resume_if_missing true" in proc.stderr
+    assert not (tmp_path / "a" / "checkpoints").exists()  # stopped before training
+    run_dir = tmp_path / "b"
+    run_cli(
+        "fit",
+        "--ckpt_path=last",
+        "--resume_if_missing=true",
+        "--trainer.max_steps=1",
+        run_dir=run_dir,
+    )
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 1
+
+
+def test_fp16_mixed_on_cpu_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="precision '16-mixed' needs a GPU"):
+        main(
+            [
+                "--config",
+                str(TINY),
+                f"--trainer.default_root_dir={tmp_path}",
+                "--trainer.precision=16-mixed",
+            ],
+            run=False,
+        )
+
+
+@pytest.mark.parametrize("name", ["runs/x/hf_model", "./no_model", "/no/such/model"])
+def test_missing_local_model_path_says_so_before_any_hub_lookup(name):
+    with pytest.raises(FileNotFoundError, match=r"local path .* does not exist"):
+        GRPOModule(model=name)
+    with pytest.raises(FileNotFoundError, match=r"local path .* does not exist"):
+        resolve_model_path(name)
+    assert resolve_model_path("org/name") == "org/name"  # hub names still pass through

@@ -7,12 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cropi_pl.influence.trajectories import TrajectoryCache
+from cropi_pl.influence.cache import TrajectoryCache
 from cropi_pl.policy.prompting import PromptEncoder
-from tests.cli_utils import ROOT, completions_table, event_tags, run_cli
+from tests.cli_utils import CROPI, completions_table, event_tags, run_cli
 from tests.models import char_tokenizer, save_tiny_chat_policy
-
-CROPI = ROOT / "tests" / "configs" / "cropi_test.yaml"
 
 
 def _gsm8k_file(path: Path) -> dict[str, str]:

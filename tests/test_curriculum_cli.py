@@ -1,5 +1,7 @@
-"""The CROPI curriculum through the real CLI: stages, saved selections, and resume after SIGKILL."""
+"""The CROPI curriculum through the real CLI: stages, saved selections, resume after SIGKILL,
+and the stage statistics in a logger other than TensorBoard."""
 
+import csv
 import json
 
 import pytest
@@ -7,12 +9,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cropi_pl.curriculum.resampling import ResampledStore
+from cropi_pl.influence.cache import TrajectoryCache
 from cropi_pl.influence.popi import behaviour_logps
-from cropi_pl.influence.trajectories import TrajectoryCache
 from cropi_pl.policy.build import resolve_model_path
-from tests.cli_utils import ROOT, event_tags, fit_in_empty_cwd, policy_state, run_cli
+from tests.cli_utils import CROPI, event_tags, policy_state, run_cli, run_cli_process
 
-CROPI = ROOT / "tests" / "configs" / "cropi_test.yaml"
 KILL = "--trainer.callbacks+=tests.kill.KillAtStep"
 
 
@@ -23,15 +24,14 @@ def _selections(run_dir):
     }
 
 
-@pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
+@pytest.fixture
+def straight_run(cropi_fit):
     """The uninterrupted run, from an empty working directory: (run dir, cwd, checkout files
     the run changed)."""
-    run_dir, cwd = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("cwd")
-    return run_dir, cwd, fit_in_empty_cwd(run_dir, cwd, config=CROPI)
+    return cropi_fit
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def straight(straight_run):
     return straight_run[0]
 
@@ -86,7 +86,8 @@ def test_resampled_rows_replace_stale_prompts_from_the_current_policy(straight):
 
 
 def test_resume_after_sigkill_mid_stage_matches_uninterrupted(straight, tmp_path):
-    proc = run_cli(
+    # a real SIGKILL needs its own process; the resume and the straight run are in-process
+    proc = run_cli_process(
         "fit",
         KILL,
         "--trainer.callbacks.init_args.step=3",
@@ -111,3 +112,29 @@ def test_resume_after_sigkill_mid_stage_matches_uninterrupted(straight, tmp_path
     )
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_csv_logger_gets_the_stage_statistics_and_the_learning_rate(tmp_path):
+    """Scalars go through the Lightning logger API: a CSVLogger receives what TensorBoard does."""
+    csv_logger = "--trainer.logger=lightning.pytorch.loggers.CSVLogger"
+    args = (f"--trainer.logger.save_dir={tmp_path}", "--trainer.logger.name=csv")
+    run_cli("fit", "--trainer.max_steps=2", csv_logger, *args, config=CROPI, run_dir=tmp_path)
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = {key for row in rows for key, value in row.items() if value != ""}
+    for key in (
+        "curriculum/stage",
+        "curriculum/selection_size",
+        "curriculum/influence_seconds",
+        "curriculum/selection_seconds",
+        "curriculum/zero_gradient_prompts",
+        "curriculum/kl_behaviour_current",
+        "curriculum/ess_fraction",
+        "reward",
+        "loss",
+        "lr-AdamW",
+    ):
+        assert key in logged, f"missing {key}; have {sorted(logged)}"
+    assert any(key.startswith("curriculum/family/") for key in logged)
+    assert [float(r["lr-AdamW"]) for r in rows if r.get("lr-AdamW")] == [1e-4, 1e-4]
+    assert not list(tmp_path.glob("tensorboard")), "an explicit logger replaces TensorBoard"

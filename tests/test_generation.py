@@ -3,9 +3,10 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cropi_pl.generation import HFGenerateEngine, row_seed
+from cropi_pl.generation import HFGenerateEngine
 from cropi_pl.generation.hf import SeededGumbelSampler
 from cropi_pl.policy.build import resolve_model_path
+from cropi_pl.seeding import derive_seed
 
 
 def test_block_drawn_noise_equals_step_by_step():
@@ -52,7 +53,7 @@ def test_completions_do_not_depend_on_batch_composition():
         tok(p, add_special_tokens=False)["input_ids"]
         for p in ("Q: 12+7\nA: ", "Q: 345 mod 7\nA: ", "Q: 9*8\nA: ")
     ]
-    seeds = [row_seed(0, "t", i, j) for i in range(3) for j in range(2)]
+    seeds = [derive_seed(0, "t", i, j) for i in range(3) for j in range(2)]
     kwargs = dict(
         max_new_tokens=16,
         temperature=1.0,
@@ -100,7 +101,7 @@ def test_shared_prompt_cache_equals_per_completion_prefill_and_brute_force():
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in texts]
     assert len({len(p) for p in prompts}) > 1
     samples, steps = 3, 12
-    seeds = [row_seed(1, "t", i, j) for i in range(len(prompts)) for j in range(samples)]
+    seeds = [derive_seed(1, "t", i, j) for i in range(len(prompts)) for j in range(samples)]
     common = dict(
         num_samples=samples,
         max_new_tokens=steps,

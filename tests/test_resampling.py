@@ -20,12 +20,10 @@ from cropi_pl.curriculum.resampling import (
     stale_prompts,
 )
 from cropi_pl.generation.hf import HFGenerateEngine
-from cropi_pl.influence.popi import PromptTrajectories, behaviour_logps
-from cropi_pl.influence.trajectories import (
-    Collector,
-    SamplingSettings,
-    TrajectoryCacheError,
-)
+from cropi_pl.influence.cache import TrajectoryCacheError
+from cropi_pl.influence.collector import Collector, SamplingSettings
+from cropi_pl.influence.popi import behaviour_logps
+from cropi_pl.influence.trajectories import PromptTrajectories
 from cropi_pl.policy.prompting import PromptEncoder
 from tests.models import tiny_char_llama, tiny_llama
 from tests.test_trajectories import SETTINGS, FakePolicy, make_rows
@@ -178,6 +176,7 @@ def test_fresh_rows_carry_the_sampling_policys_log_probs(tmp_path):
 
 
 def _rank_resample(rank: int, world: int, port: int, root: str) -> None:
+    torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     fresh = _fresh(ResampledStore(root), 1, make_rows(5).to_list())
@@ -191,7 +190,7 @@ def test_two_ranks_write_and_return_the_single_process_rows(tmp_path):
     two = tmp_path / "two"
     two.mkdir()
     port = 29500 + random.randrange(1000)
-    mp.spawn(_rank_resample, args=(2, port, str(two)), nprocs=2, join=True)
+    mp.start_processes(_rank_resample, args=(2, port, str(two)), nprocs=2, start_method="fork")
     for rank in range(2):  # each rank sampled half the prompts and got every row back
         assert torch.load(two / f"rank{rank}.pt", weights_only=False) == single
     assert ResampledStore(two).load(1) == single

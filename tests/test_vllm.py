@@ -20,7 +20,7 @@ from cropi_pl.generation.engine import mark_weights_updated
 from cropi_pl.generation.vllm import VLLMEngine
 from cropi_pl.grpo.rollout import pack, token_logps
 from cropi_pl.policy.build import resolve_model_path
-from tests.cli_utils import ROOT, event_tags, run_cli
+from tests.cli_utils import ROOT, event_tags, run_cli_process
 
 pytestmark = pytest.mark.vllm
 
@@ -193,7 +193,7 @@ def test_separate_process_engine_matches_in_process(engine, tokenizer):
 def test_grpo_fit_through_the_cli(tmp_path: Path):
     """Rollouts and validation through vLLM; the logged engine-vs-trainer gap proves each step's
     rollouts came from that step's weights (a missed push would show a gap of order 1)."""
-    run_cli(
+    run_cli_process(
         "fit",
         "--config",
         str(VLLM_CONFIG),
@@ -213,7 +213,7 @@ def test_trajectory_collection_through_the_cli_is_seeded(tmp_path: Path):
     tables = []
     for name in ("a", "b"):
         run_dir = tmp_path / name
-        run_cli(
+        run_cli_process(
             "--config",
             str(VLLM_CONFIG),
             run_dir=run_dir,

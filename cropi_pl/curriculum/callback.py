@@ -12,20 +12,23 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import AutoModelForCausalLM
 
+from cropi_pl.atomic import atomic_file
 from cropi_pl.curriculum.resampling import (
     ResampleConfig,
     ResampledStore,
     measure_drift,
     stale_prompts,
 )
-from cropi_pl.generation.engine import row_seed
-from cropi_pl.influence.popi import Method, POPIConfig, PromptTrajectories
-from cropi_pl.influence.projection import ProjectionConfig, atomic_output_path
+from cropi_pl.influence.cache import TrajectoryCache
+from cropi_pl.influence.gradients import Method
+from cropi_pl.influence.popi import POPIConfig
+from cropi_pl.influence.projection import ProjectionConfig
 from cropi_pl.influence.scorer import InfluenceScorer
 from cropi_pl.influence.selection import (
     InfluenceSelector,
@@ -36,8 +39,9 @@ from cropi_pl.influence.selection import (
     Selector,
     selection_size,
 )
-from cropi_pl.influence.trajectories import TrajectoryCache, pass_rate
+from cropi_pl.influence.trajectories import PromptTrajectories, pass_rate
 from cropi_pl.policy.build import resolve_model_path
+from cropi_pl.seeding import derive_seed
 
 TRAJECTORY_SELECTORS = (InfluenceSelector, PassRateSelector, LearnabilitySelector)
 
@@ -71,6 +75,17 @@ def stage_summary(
     return line
 
 
+def _histograms(writer: Any, selection: Selection, ctx: SelectionContext, step: int) -> None:
+    """TensorBoard histograms of the stage's scores and of the behaviour pass rates (pool and
+    selection); the scalar statistics go to every logger."""
+    if selection.scores and any(math.isfinite(s) for s in selection.scores):
+        writer.add_histogram("curriculum/scores", torch.tensor(selection.scores), step)
+    if ctx.pass_rate is not None:
+        writer.add_histogram("curriculum/pass_rate_pool", ctx.pass_rate, step)
+        chosen = ctx.pass_rate[torch.tensor(selection.indices)]
+        writer.add_histogram("curriculum/pass_rate_selected", chosen, step)
+
+
 class CurriculumCallback(L.Callback):
     """Stage ``m`` is epoch ``m`` and lasts ``stage_steps`` optimizer steps.
 
@@ -90,10 +105,12 @@ class CurriculumCallback(L.Callback):
         popi: off-policy gradient options (ratio clipping, reweighting, parameter subset).
         projection: sparse random projection (dimension, kept fraction, kind, seed).
         prompts_per_batch: prompts per backward pass in the influence pass.
-        projection_batch: gradients buffered per projection call (each call streams the random
-            matrix once; memory is this many full gradients).
+        responses_per_prompt: stored responses used per prompt (None: all K); fewer make the
+            influence pass cheaper (``InfluenceScorer``).
+        factorised: ``(k_in, k_out)`` to score with the LoGra-style factorised projection of
+            linear layers instead of full gradients (``InfluenceScorer``).
         method: per-prompt gradients by "hooks" (one backward per batch), "vmap" or "loop"
-            (one backward per prompt); default: vmap on CUDA, hooks elsewhere (``POPIGradients``).
+            (one backward per prompt); default: vmap on CUDA, loop elsewhere (``POPIGradients``).
         max_target_prompts: target prompts averaged into each target gradient (the paper: 100).
         log_drift: log KL(behaviour || current) and the importance ratios' effective sample size
             on the cached pool responses at every stage (one extra forward over the cache, about
@@ -116,8 +133,9 @@ class CurriculumCallback(L.Callback):
         popi: POPIConfig | None = None,
         projection: ProjectionConfig | None = None,
         prompts_per_batch: int = 8,
-        projection_batch: int = 128,
         method: Method | None = None,
+        responses_per_prompt: int | None = None,
+        factorised: tuple[int, int] | None = None,
         max_target_prompts: int = 100,
         log_drift: bool = False,
         resample: ResampleConfig | None = None,
@@ -137,8 +155,9 @@ class CurriculumCallback(L.Callback):
             projection,
             prompts_per_batch,
             max_target_prompts,
-            projection_batch=projection_batch,
             method=method,
+            responses_per_prompt=responses_per_prompt,
+            factorised=factorised,
         )
         self.log_drift = log_drift
         self.resample = resample
@@ -214,7 +233,7 @@ class CurriculumCallback(L.Callback):
         selection = self.selector.select(ctx, n)
         selection.stage = stage
         metrics["curriculum/selection_seconds"] = time.perf_counter() - start
-        self._record(trainer, module, selection, ctx, metrics)
+        self._record(trainer, selection, ctx, metrics)
         return selection
 
     # ---------------------------------------------------------------- helpers
@@ -241,7 +260,7 @@ class CurriculumCallback(L.Callback):
         if fresh is None:  # re-sampling is on and this stage has not re-sampled yet
             start = time.perf_counter()
             dm = trainer.datamodule
-            seed = row_seed("resample", dm.seed, stage)
+            seed = derive_seed("resample", dm.seed, stage)
             ess = drift.ess if drift is not None else None
             chosen, counts = stale_prompts(trajs, self.resample, ess, seed)
             collector, settings = dm.collector(
@@ -270,7 +289,6 @@ class CurriculumCallback(L.Callback):
     def _record(
         self,
         trainer: L.Trainer,
-        module: L.LightningModule,
         selection: Selection,
         ctx: SelectionContext,
         metrics: dict[str, float],
@@ -293,16 +311,10 @@ class CurriculumCallback(L.Callback):
         for family, count in families.items():
             metrics[f"curriculum/family/{family}"] = count / len(selection.indices)
         rank_zero_info(stage_summary(selection, len(dm.pool), families, ctx, metrics))
-        writer = getattr(module.logger, "experiment", None)
         step = stage * self.stage_steps
-        if writer is not None and hasattr(writer, "add_scalar"):
-            for key, value in metrics.items():
-                writer.add_scalar(key, value, step)
-            if selection.scores and any(math.isfinite(s) for s in selection.scores):
-                writer.add_histogram("curriculum/scores", torch.tensor(selection.scores), step)
-            if ctx.pass_rate is not None:
-                writer.add_histogram("curriculum/pass_rate_pool", ctx.pass_rate, step)
-                chosen = ctx.pass_rate[torch.tensor(selection.indices)]
-                writer.add_histogram("curriculum/pass_rate_selected", chosen, step)
-        with atomic_output_path(directory / f"stage-{stage:03d}.metrics.json") as tmp:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+            if isinstance(logger, TensorBoardLogger):
+                _histograms(logger.experiment, selection, ctx, step)
+        with atomic_file(directory / f"stage-{stage:03d}.metrics.json") as tmp:
             Path(tmp).write_text(json.dumps(metrics, indent=1, sort_keys=True))

@@ -1,4 +1,4 @@
-"""Target gradients, cosine scores and the data selectors of one curriculum stage (METHOD.md 5-6).
+"""Target gradients, cosine scores and the selectors of one curriculum stage (docs/method.md 5-6).
 
 Influence selection scores each pool prompt by the cosine between its projected gradient and the
 mean projected gradient of each target (validation) set, then merges the per-set rankings. The
@@ -19,7 +19,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from cropi_pl.influence.projection import atomic_output_path
+from cropi_pl.atomic import atomic_file
 
 __all__ = [
     "FullSelector",
@@ -219,7 +219,7 @@ class Selection:
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        with atomic_output_path(path) as tmp:
+        with atomic_file(path) as tmp:
             tmp.write_text(self.to_json())
 
     @classmethod

@@ -15,7 +15,7 @@ from cropi_pl.rewards.base import RewardFunction
 
 TOLERANCE = 1e-6
 
-_BOXED = "\\boxed{"
+BOXED = "\\boxed{"
 # A number: not the tail of a word/number ("10-5" ends in 5, not -5), with an optional sign,
 # thousands groups "1,000", decimals, and an optional "/denominator"; or \frac{a}{b} of integers.
 _NUMBER = re.compile(
@@ -36,11 +36,11 @@ def after_hashes(text: str) -> str | None:
 
 def last_boxed(text: str) -> str | None:
     """The content of the last ``\\boxed{...}``, honouring nested braces; None if unbalanced."""
-    start = text.rfind(_BOXED)
+    start = text.rfind(BOXED)
     if start < 0:
         return None
     depth = 1
-    begin = start + len(_BOXED)
+    begin = start + len(BOXED)
     for i in range(begin, len(text)):
         if text[i] == "{":
             depth += 1
