@@ -119,6 +119,7 @@ class BenchConfig:
     threads: int = 2
     seed: int = 0
     smol_max_eligible: int = 100
+    skip_options: tuple[str, ...] = ()  # embedded options whose name contains one of these
     sections: tuple[str, ...] = ("embedded", "selection", "smollm2")
     update: bool = False
     cache_dir: str | None = None
@@ -511,6 +512,8 @@ def embedded_rows(
     )
     rows = []
     for name, scorer in options.items():
+        if any(word in name for word in config.skip_options):
+            continue
         rows.append(scorer_row(name, scorer, model, work, exact, config))
         print(
             f"  {name}: {rows[-1].seconds_per_prompt:.4f} s/prompt, "
