@@ -113,7 +113,7 @@ class BenchConfig:
     smol_max_new_tokens: int = 16
     smol_dim: int = 8192
     smol_timed: int = 6
-    reference_slice: int = 1 << 21
+    reference_slice: int = 1 << 15  # a (slice, k) fp32 matrix: 1 GiB at k = 8192
     bootstrap: int = 1000
     train_steps: int = 4
     threads: int = 2
