@@ -176,6 +176,8 @@ Row = dict[str, Any]
 
 
 def row(probe: str, expected: str, observed: str, ok: bool) -> Row:
+    """One table row; paths in ``observed`` are shown relative to the checkout."""
+    observed = observed.replace(f"{ROOT}/", "")
     return {"probe": probe, "expected": expected, "observed": observed, "ok": bool(ok)}
 
 
@@ -220,7 +222,7 @@ def corrupted_checkpoint(work: Path, run: Path) -> Row:
     return row(
         "64 bytes flipped in last.ckpt, resume",
         "refused, naming the file (no NaN run)",
-        f"rc {code}: {line[:160]}",
+        f"rc {code}: {line[:220]}",
         code != 0 and str(ckpt) in line,
     )
 
@@ -235,7 +237,7 @@ def deleted_shard(straight: Path) -> Row:
     return row(
         "cache shard deleted, tools/collect_trajectories.py",
         "that shard re-collected alone, same bytes, reported",
-        f"rc {code}: {line[:120]}; bytes {'identical' if same else 'DIFFER'}",
+        f"rc {code}: {line[:220]}; bytes {'identical' if same else 'DIFFER'}",
         code == 0 and same and victim.name in line,
     )
 
@@ -252,7 +254,7 @@ def corrupted_shard(work: Path, straight: Path) -> Row:
     return row(
         "cache shard corrupted (8 bytes flipped), fit",
         "that shard re-collected alone before training, same bytes",
-        f"rc {code}: {line[:120]}; bytes {'identical' if same else 'DIFFER'}",
+        f"rc {code}: {line[:220]}; bytes {'identical' if same else 'DIFFER'}",
         code == 0 and same and victim.name in line,
     )
 
@@ -351,7 +353,7 @@ def data_errors(work: Path) -> list[Row]:
             row(
                 f"data file: {name}",
                 f"an error naming the file and {where}",
-                message.replace(str(work / "data") + "/", "")[:140],
+                message.replace(str(work / "data") + "/", "")[:220],
                 f"{name}" in message and where in message,
             )
         )
@@ -365,7 +367,7 @@ def quiet_surprises(work: Path) -> list[Row]:
         row(
             "--ckpt_path last without a checkpoint",
             "an error (opt in: --resume_if_missing true)",
-            f"rc {code}: {last_line(text, 'no last checkpoint')[:140]}",
+            f"rc {code}: {last_line(text, 'no last checkpoint')[:220]}",
             code != 0 and "no last checkpoint" in text,
         )
     ]
@@ -388,7 +390,7 @@ def quiet_surprises(work: Path) -> list[Row]:
             message = "(accepted)"
         except Exception as error:
             message = f"{type(error).__name__}: {error}"
-        rows.append(row(probe, "refused with a message", message[:140], needle in message))
+        rows.append(row(probe, "refused with a message", message[:220], needle in message))
     return rows
 
 
@@ -408,7 +410,7 @@ def nonfinite(work: Path) -> Row:
     return row(
         "NaN in the weights from step 2",
         "steps skipped, then stop naming step and last checkpoint (finite)",
-        f"rc {code}: {line[:150]}; last.ckpt {'finite' if finite else 'NOT finite'}",
+        f"rc {code}: {line[:260]}; last.ckpt {'finite' if finite else 'NOT finite'}",
         code != 0 and "stopped at step 2" in line and "last.ckpt" in line and finite,
     )
 
