@@ -212,7 +212,9 @@ class CurriculumCallback(L.Callback):
         if isinstance(self.selector, TRAJECTORY_SELECTORS):
             if self._cache is None:  # collected (or verified) once per process
                 behaviour = self._load_initial(module)
-                self._cache = dm.ensure_trajectories(behaviour, module.tokenizer, module)
+                self._cache, notes = dm.ensure_trajectories(behaviour, module.tokenizer, module)
+                for note in notes:
+                    rank_zero_info(f"trajectory cache {note}")
             _, pool_trajs = self._cache.to_trajectories("pool")
         if isinstance(self.selector, InfluenceSelector):
             model = self._current_weights(module)
