@@ -1,8 +1,9 @@
-"""Atomic folder writes: a folder appears complete under its final name or not at all.
+"""Atomic writes: a file or folder appears complete under its final name or not at all.
 
-Model folders (the converted embedded model, the HF export at the end of ``fit``) are read by
-other processes and tools; a crash or a full disk mid-write must never leave a half-written
-folder that a later run trusts.
+Model folders (the converted embedded model, the HF export at the end of ``fit``), trajectory
+shards, manifests, projected gradients and benchmark results are read by other processes and
+tools; a crash or a full disk mid-write must never leave a half-written artifact that a later run
+trusts.
 """
 
 from __future__ import annotations
@@ -13,6 +14,31 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it is fsynced and replaces ``path`` in
+    one ``os.replace``, so readers never see a half-written file (a crash leaves the old one)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """``Path(path).write_bytes(data)``, atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 @contextmanager

@@ -9,6 +9,7 @@ from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch import Trainer
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -52,6 +53,8 @@ class CROPICLI(LightningCLI):
     (:class:`~cropi_pl.progress.StepProgressBar`) unless the config names its own or disables it,
     and a ``LearningRateMonitor`` logging every step's learning rate (``lr-<optimizer class>``)
     unless the config names its own or has no logger.
+    ``--ckpt_path last`` with no last checkpoint is an error unless ``--resume_if_missing true``,
+    and ``precision: 16-mixed`` on CPU is refused (Lightning would run bf16-mixed instead).
 
     Its own defaults, so ``CROPICLI(args=[...])`` is the whole command line: any
     ``LightningModule``/``LightningDataModule`` by ``class_path`` (defaults ``GRPOModule`` and
@@ -79,6 +82,37 @@ class CROPICLI(LightningCLI):
             CurriculumCallback, "curriculum", subclass_mode=True, required=False
         )
         parser.add_lightning_class_args(HFExport, "export")
+        parser.add_argument(
+            "--resume_if_missing",
+            type=bool,
+            default=False,
+            help="with --ckpt_path last: go on without a checkpoint when there is no last one "
+            "(default: that is an error, so a resumed run never silently restarts)",
+        )
+
+    def before_fit(self) -> None:
+        self._check_last_checkpoint()
+
+    def before_validate(self) -> None:
+        self._check_last_checkpoint()
+
+    def before_test(self) -> None:
+        self._check_last_checkpoint()
+
+    def _check_last_checkpoint(self) -> None:
+        """Refuse ``--ckpt_path last`` without a last checkpoint unless ``resume_if_missing``
+        (Lightning only warns and starts from scratch)."""
+        config = self.config[self.subcommand]
+        if config.get("ckpt_path") != "last" or config.get("resume_if_missing"):
+            return
+        folders = [Path(cb.dirpath) for cb in self.trainer.checkpoint_callbacks if cb.dirpath]
+        found = [path for folder in folders for path in folder.glob("last*.ckpt")]
+        if not found:
+            where = ", ".join(map(str, folders)) or "nowhere (checkpointing is off)"
+            raise FileNotFoundError(
+                f"--ckpt_path last: no last checkpoint in {where}; to start this run from scratch "
+                "anyway add --resume_if_missing true"
+            )
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -127,7 +161,16 @@ class CROPICLI(LightningCLI):
         has_logger = config.get("logger") not in (False, None, [])
         if has_logger and not any(isinstance(c, LearningRateMonitor) for c in listed):
             listed.append(LearningRateMonitor(logging_interval="step"))
-        return self._instantiate_trainer({**config, "callbacks": listed}, keyed)
+        trainer = self._instantiate_trainer({**config, "callbacks": listed}, keyed)
+        if str(config.get("precision")) in ("16", "16-mixed") and isinstance(
+            trainer.accelerator, CPUAccelerator
+        ):
+            raise ValueError(
+                f"precision {config['precision']!r} needs a GPU: float16 AMP does not run on CPU "
+                "(Lightning would silently switch to bf16-mixed); use precision: bf16-mixed "
+                "(configs/precision/bf16-mixed.yaml) or 32-true on CPU"
+            )
+        return trainer
 
 
 def main(args: list[str] | None = None, run: bool = True) -> CROPICLI:

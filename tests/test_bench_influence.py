@@ -11,7 +11,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import bench_influence as bench  # noqa: E402
 
-from cropi_pl.influence.popi import POPIConfig, POPIGradients, PromptTrajectories  # noqa: E402
+from cropi_pl.influence.gradients import POPIGradients  # noqa: E402
+from cropi_pl.influence.popi import POPIConfig  # noqa: E402
+from cropi_pl.influence.trajectories import PromptTrajectories  # noqa: E402
 from cropi_pl.policy.tokenizer import build_tokenizer  # noqa: E402
 from tests.models import tiny_char_llama  # noqa: E402
 

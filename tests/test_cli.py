@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cropi_pl.cli import main
+from cropi_pl.grpo.module import GRPOModule
 from cropi_pl.policy.build import resolve_model_path
 from cropi_pl.policy.export import HFExport, module_from_checkpoint
 from tests.cli_utils import ROOT, TINY, completions_table, event_tags, policy_state, run_cli
@@ -186,3 +187,42 @@ def test_resume_continues_same_step_and_data(tiny_fit, tmp_path):
     wb = policy_state(split / "checkpoints" / "last.ckpt")
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_resume_from_last_without_a_checkpoint_is_an_error_unless_opted_in(tmp_path):
+    proc = run_cli("fit", "--ckpt_path=last", run_dir=tmp_path / "a", check=False)
+    assert proc.returncode != 0
+    assert "--ckpt_path last: no last checkpoint in" in proc.stderr
+    assert "--resume_if_missing true" in proc.stderr
+    assert not (tmp_path / "a" / "checkpoints").exists()  # stopped before training
+    run_dir = tmp_path / "b"
+    run_cli(
+        "fit",
+        "--ckpt_path=last",
+        "--resume_if_missing=true",
+        "--trainer.max_steps=1",
+        run_dir=run_dir,
+    )
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 1
+
+
+def test_fp16_mixed_on_cpu_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="precision '16-mixed' needs a GPU"):
+        main(
+            [
+                "--config",
+                str(TINY),
+                f"--trainer.default_root_dir={tmp_path}",
+                "--trainer.precision=16-mixed",
+            ],
+            run=False,
+        )
+
+
+@pytest.mark.parametrize("name", ["runs/x/hf_model", "./no_model", "/no/such/model"])
+def test_missing_local_model_path_says_so_before_any_hub_lookup(name):
+    with pytest.raises(FileNotFoundError, match=r"local path .* does not exist"):
+        GRPOModule(model=name)
+    with pytest.raises(FileNotFoundError, match=r"local path .* does not exist"):
+        resolve_model_path(name)
+    assert resolve_model_path("org/name") == "org/name"  # hub names still pass through

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cropi_pl.influence.trajectories import TrajectoryCache
+from cropi_pl.influence.cache import TrajectoryCache
 from cropi_pl.policy.prompting import PromptEncoder
 from tests.cli_utils import CROPI, completions_table, event_tags, run_cli
 from tests.models import char_tokenizer, save_tiny_chat_policy

@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cropi_pl.curriculum.resampling import ResampledStore
+from cropi_pl.influence.cache import TrajectoryCache
 from cropi_pl.influence.popi import behaviour_logps
-from cropi_pl.influence.trajectories import TrajectoryCache
 from cropi_pl.policy.build import resolve_model_path
 from tests.cli_utils import CROPI, event_tags, policy_state, run_cli, run_cli_process
 

@@ -3,9 +3,10 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cropi_pl.generation import HFGenerateEngine, row_seed
+from cropi_pl.generation import HFGenerateEngine
 from cropi_pl.generation.hf import SeededGumbelSampler
 from cropi_pl.policy.build import resolve_model_path
+from cropi_pl.seeding import derive_seed
 
 
 def test_block_drawn_noise_equals_step_by_step():
@@ -52,7 +53,7 @@ def test_completions_do_not_depend_on_batch_composition():
         tok(p, add_special_tokens=False)["input_ids"]
         for p in ("Q: 12+7\nA: ", "Q: 345 mod 7\nA: ", "Q: 9*8\nA: ")
     ]
-    seeds = [row_seed(0, "t", i, j) for i in range(3) for j in range(2)]
+    seeds = [derive_seed(0, "t", i, j) for i in range(3) for j in range(2)]
     kwargs = dict(
         max_new_tokens=16,
         temperature=1.0,
@@ -70,3 +71,66 @@ def test_completions_do_not_depend_on_batch_composition():
     ]
     assert [c.ids for c in together] == [c.ids for c in alone]
     assert len({tuple(c.ids) for c in together}) > 1
+
+
+def _brute_force_sample(
+    model: torch.nn.Module, prompt: list[int], seed: int, steps: int, temperature: float, eos: int
+) -> list[int]:
+    """One completion by full forwards over the growing sequence (no cache, no padding, no
+    batch), drawing the same per-row Gumbel noise as the engine."""
+    sampler = SeededGumbelSampler([seed], temperature, 1.0, max_steps=steps)
+    tokens: list[int] = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(torch.tensor([prompt + tokens])).logits[:, -1]
+            scores = logits.argmax(-1) if temperature == 0 else sampler(None, logits).argmax(-1)
+            tokens.append(int(scores))
+            if tokens[-1] == eos:
+                break
+    return tokens
+
+
+def test_shared_prompt_cache_equals_per_completion_prefill_and_brute_force():
+    """Prefilling each prompt once for its completions gives the tokens of the plain batched
+    ``generate`` call and of a cache-free loop per completion, greedy and sampled, for prompts of
+    different lengths (left padding) and calls split across prompts."""
+    path = resolve_model_path("embedded:tiny")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    texts = ("Q: 12+7\nA: ", "Q: 345 mod 7\nA: ", "Q: 9*8\nA: ", "Q: max(13,31)\nA: ")
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in texts]
+    assert len({len(p) for p in prompts}) > 1
+    samples, steps = 3, 12
+    seeds = [derive_seed(1, "t", i, j) for i in range(len(prompts)) for j in range(samples)]
+    common = dict(
+        num_samples=samples,
+        max_new_tokens=steps,
+        top_p=1.0,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        seeds=seeds,
+    )
+    widths: list[tuple[int, int]] = []
+    model.model.register_forward_pre_hook(
+        lambda _, args, kwargs: widths.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    for temperature in (1.0, 0.0):
+        plain = HFGenerateEngine(share_prompt_cache=False).generate(
+            model, prompts, temperature=temperature, **common
+        )
+        widths.clear()
+        shared = HFGenerateEngine().generate(model, prompts, temperature=temperature, **common)
+        width = max(map(len, prompts))  # one prefill per prompt, then one token per completion
+        assert widths[:2] == [(len(prompts), width - 1), (len(prompts) * samples, 1)]
+        split = HFGenerateEngine(batch_size=2 * samples).generate(
+            model, prompts, temperature=temperature, **common
+        )
+        brute = [
+            _brute_force_sample(model, p, seed, steps, temperature, tok.eos_token_id)
+            for p, seed in zip([p for p in prompts for _ in range(samples)], seeds, strict=True)
+        ]
+        assert [c.ids for c in shared] == [c.ids for c in plain] == [c.ids for c in split]
+        assert [c.ids for c in shared] == brute
+        assert [c.truncated for c in shared] == [c.ids[-1] != tok.eos_token_id for c in shared]
+        if temperature > 0:
+            assert len({tuple(c.ids) for c in shared}) > len(prompts)  # samples differ

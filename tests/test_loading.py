@@ -92,23 +92,29 @@ def test_math_parquet_and_json(tmp_path: Path) -> None:
         ("blah \\boxed{1} #### 2", "boxed", "1"),
         ("\\boxed{1} #### 2", "plain", "\\boxed{1} #### 2"),
         ("no marker", "gsm8k", None),
-        ("\\boxed{unclosed", "boxed", None),
         ("   ", "auto", None),
+        ("\\boxed{ #### 2", "auto", "2"),  # gsm8k marker wins before boxed
     ],
 )
 def test_extract_gold(text: str, fmt: str, gold: str | None) -> None:
     assert extract_gold(text, fmt) == gold
 
 
+@pytest.mark.parametrize("fmt", ["auto", "boxed"])
+def test_unclosed_boxed_gold_is_an_error_not_the_whole_text(fmt: str) -> None:
+    with pytest.raises(ValueError, match=r"unclosed \\boxed\{"):
+        extract_gold("so the answer is \\boxed{\\frac{1}{2}", fmt)
+
+
 def test_errors_name_file_row_and_field(tmp_path: Path) -> None:
     rows = [*GSM8K_ROWS[:2], {"question": "q", "solution": "#### 1"}]
     path = write_jsonl(tmp_path / "broken.jsonl", rows)
-    with pytest.raises(KeyError, match=r"broken\.jsonl row 2: missing field 'answer'"):
+    with pytest.raises(KeyError, match=r"broken\.jsonl row 3: missing field 'answer'"):
         PromptFile(str(path)).load()
     path = write_jsonl(tmp_path / "nomark.jsonl", [GSM8K_ROWS[0], {"question": "q", "answer": "7"}])
-    with pytest.raises(ValueError, match=r"nomark\.jsonl row 1: no gsm8k answer"):
+    with pytest.raises(ValueError, match=r"nomark\.jsonl row 2: no gsm8k answer"):
         PromptFile(str(path), answer_format="gsm8k").load()
-    with pytest.raises(KeyError, match=r"row 0: template .* needs 'topic'"):
+    with pytest.raises(KeyError, match=r"row 1: template .* needs 'topic'"):
         PromptFile(str(path), template="{topic}: {prompt}").load()
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         PromptFile(str(tmp_path / "missing.jsonl")).load()
@@ -252,13 +258,13 @@ def test_math_parquet_difficulty_field_and_boxed_instruction(tmp_path: Path) -> 
     assert data["level"] == ["Level 3", "Level 5"]
     assert data["solution"] == [row["solution"] for row in MATH_ROWS]
     assert data["prompt"][1] == "Simplify $\\sqrt{8}$. Put the final answer in \\boxed{}."
-    with pytest.raises(KeyError, match=r"math\.parquet row 0: missing field 'rank'"):
+    with pytest.raises(KeyError, match=r"math\.parquet row 1: missing field 'rank'"):
         PromptFile(
             str(path), prompt_field="problem", answer_field="solution", difficulty_field="rank"
         ).load()
     bad = tmp_path / "bad_level.jsonl"
     write_jsonl(bad, [{"question": "q", "answer": "#### 1", "difficulty": "hard"}])
-    with pytest.raises(ValueError, match=r"bad_level\.jsonl row 0: difficulty 'hard'"):
+    with pytest.raises(ValueError, match=r"bad_level\.jsonl row 1: difficulty 'hard'"):
         PromptFile(str(bad)).load()
 
 
@@ -268,10 +274,42 @@ def test_template_with_stray_braces_is_refused_at_construction(template: str) ->
         PromptFile("any.jsonl", template=template)
 
 
+GOOD_LINE = b'{"question": "q", "answer": "#### 1"}\n'
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.jsonl", b"", r"empty\.jsonl: empty file \(no rows\)"),
+        ("blank.json", b"\n  \n", r"blank\.json: empty file"),
+        (
+            "latin1.jsonl",
+            GOOD_LINE * 2 + b'{"question": "caf\xe9"}\n',
+            r"latin1\.jsonl line 3: not UTF-8",
+        ),
+        ("notjson.jsonl", GOOD_LINE + b"\n" + b"question: q\n", r"notjson\.jsonl line 3: not JSON"),
+        ("list.jsonl", GOOD_LINE + b"[1, 2]\n", r"list\.jsonl line 2: not a JSON object"),
+        ("array.json", b'[{"question": "q", "answer": "1"}, 7]', r"array\.json row 2: not a JSON"),
+        (
+            "unclosed.jsonl",
+            GOOD_LINE + b'{"question": "q", "answer": "so \\\\boxed{\\\\frac{1}{2}"}\n',
+            r"unclosed\.jsonl row 2: field 'answer': unclosed \\boxed\{",
+        ),
+    ],
+)
+def test_bad_data_files_name_file_and_row(
+    tmp_path: Path, name: str, content: bytes, message: str
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        PromptFile(str(path)).load()
+
+
 def test_bad_rows_are_named(tmp_path: Path) -> None:
     path = tmp_path / "garbled.jsonl"
     path.write_text('{"question": "q", "answer": "#### 1"}\n{not json\n')
-    with pytest.raises(ValueError, match=r"cannot read prompt file .*garbled\.jsonl"):
+    with pytest.raises(ValueError, match=r"garbled\.jsonl line 2: not JSON"):
         PromptFile(str(path)).load()
 
     class EmptyPrompt(SyntheticTasks):

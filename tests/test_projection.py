@@ -14,6 +14,7 @@ from cropi_pl.influence.projection import (
     load_projected,
     save_projected,
 )
+from cropi_pl.seeding import derive_seed
 
 NUM_PARAMS = 1000
 SMALL = {"dim": 16, "block_size": 96, "chunk_rows": 7}  # 11 blocks (last partial), many chunks
@@ -32,7 +33,7 @@ def _kept_rows(matrix: torch.Tensor) -> torch.Tensor:
     return (matrix != 0).any(dim=1)
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher", "countsketch"])
 @pytest.mark.parametrize("keep", KEEP, ids=["full", "fraction0.3", "count123"])
 def test_project_equals_explicit_matrix(kind: str, keep: dict) -> None:
     projector = SparseProjector(NUM_PARAMS, ProjectionConfig(kind=kind, seed=3, **SMALL, **keep))
@@ -58,6 +59,18 @@ def test_explicit_matrix_structure(keep: dict) -> None:
     assert torch.all(values.abs() == 1 / math.sqrt(cfg.dim))
 
 
+def test_countsketch_has_one_signed_bucket_per_kept_coordinate() -> None:
+    """Sign-and-bucket: every kept row of the matrix is one +-1 in a uniform bucket."""
+    cfg = ProjectionConfig(kind="countsketch", dim=8, kept_fraction=0.5, seed=2, block_size=500)
+    matrix = SparseProjector(4000, cfg).explicit_matrix()
+    kept = matrix[_kept_rows(matrix)]
+    assert kept.shape[0] == 2000
+    assert torch.all((kept != 0).sum(dim=1) == 1) and torch.all(kept.abs().sum(dim=1) == 1)
+    buckets = (kept != 0).float().sum(dim=0)  # 2000 draws over 8 buckets: 250 +- 19 each
+    assert (buckets - 250).abs().max().item() < 6 * 19
+    assert abs((kept.sum() / 2000).item()) < 6 / math.sqrt(2000)  # signs balanced
+
+
 def test_gaussian_entries_have_variance_one_over_k() -> None:
     cfg = ProjectionConfig(dim=64, seed=5, block_size=300, chunk_rows=50)
     values = SparseProjector(2000, cfg).explicit_matrix() * math.sqrt(cfg.dim)
@@ -79,9 +92,11 @@ def test_subsampling_is_uniform_per_coordinate() -> None:
     assert hits.sum().item() == seeds * 60
 
 
+@pytest.mark.parametrize("kind", ["gaussian", "countsketch"])
 @pytest.mark.parametrize("keep", KEEP, ids=["full", "fraction0.3", "count123"])
-def test_streaming_pieces_equal_project(keep: dict) -> None:
-    projector = SparseProjector(NUM_PARAMS, ProjectionConfig(seed=7, **SMALL, **keep))
+def test_streaming_pieces_equal_project(kind: str, keep: dict) -> None:
+    cfg = ProjectionConfig(kind=kind, seed=7, **SMALL, **keep)
+    projector = SparseProjector(NUM_PARAMS, cfg)
     grads = torch.randn(3, NUM_PARAMS)
     cuts = sorted(torch.randperm(NUM_PARAMS - 1)[:40].add(1).tolist())
     bounds = list(zip([0, *cuts], [*cuts, NUM_PARAMS], strict=True))
@@ -124,20 +139,24 @@ def test_same_seed_identical_different_seed_differs() -> None:
     assert torch.equal(run(), run())
     assert not torch.allclose(run(), run(seed=12))
     assert not torch.allclose(run(), run(kind="rademacher"))
+    assert torch.equal(run(kind="countsketch"), run(kind="countsketch"))
+    assert not torch.allclose(run(kind="countsketch"), run(kind="countsketch", seed=12))
 
 
 def test_seed_derivation_is_pure() -> None:
     """Seeds come from sha256, so they are fixed constants, unlike Python's salted ``hash``."""
-    seed = projection_module.derive_seed("jl", "gaussian", 0, 0, 0)
-    assert seed == projection_module.derive_seed("jl", "gaussian", 0, 0, 0)
+    seed = derive_seed("jl", "gaussian", 0, 0, 0)
+    assert seed == derive_seed("jl", "gaussian", 0, 0, 0) == 3172509730913253450
     assert 0 <= seed < 2**63
-    assert seed != projection_module.derive_seed("jl", "gaussian", 0, 0, 1)
+    assert seed != derive_seed("jl", "gaussian", 0, 0, 1)
 
 
-def test_johnson_lindenstrauss_preserves_geometry() -> None:
+@pytest.mark.parametrize("kind", ["gaussian", "countsketch"])
+def test_johnson_lindenstrauss_preserves_geometry(kind: str) -> None:
     k, d = 2048, 5000
     vectors = torch.randn(20, d, dtype=torch.float64)
-    projected = SparseProjector(d, ProjectionConfig(dim=k, seed=2)).project(vectors).double()
+    cfg = ProjectionConfig(dim=k, seed=2, kind=kind)
+    projected = SparseProjector(d, cfg).project(vectors).double()
     norm_err = (projected.norm(dim=1) / vectors.norm(dim=1) - 1).abs()
     assert norm_err.max().item() < 0.15
     # Inner products move by about |a||b|/sqrt(k) ~ 0.022 |a||b|.

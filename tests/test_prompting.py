@@ -10,14 +10,9 @@ import pytest
 
 from cropi_pl.generation.hf import HFGenerateEngine
 from cropi_pl.grpo.module import GRPOModule
-from cropi_pl.influence.trajectories import (
-    CacheMismatchError,
-    Collector,
-    SamplingSettings,
-    TrajectoryCache,
-    fingerprint_model,
-    fingerprint_rows,
-)
+from cropi_pl.influence.cache import CacheMismatchError, TrajectoryCache
+from cropi_pl.influence.collector import Collector, SamplingSettings
+from cropi_pl.influence.fingerprints import fingerprint_model, fingerprint_rows
 from cropi_pl.policy.prompting import PromptEncoder
 from cropi_pl.rewards.numeric import ExactNumberReward
 from tests.models import char_tokenizer, tiny_char_llama

@@ -20,12 +20,10 @@ from cropi_pl.curriculum.resampling import (
     stale_prompts,
 )
 from cropi_pl.generation.hf import HFGenerateEngine
-from cropi_pl.influence.popi import PromptTrajectories, behaviour_logps
-from cropi_pl.influence.trajectories import (
-    Collector,
-    SamplingSettings,
-    TrajectoryCacheError,
-)
+from cropi_pl.influence.cache import TrajectoryCacheError
+from cropi_pl.influence.collector import Collector, SamplingSettings
+from cropi_pl.influence.popi import behaviour_logps
+from cropi_pl.influence.trajectories import PromptTrajectories
 from cropi_pl.policy.prompting import PromptEncoder
 from tests.models import tiny_char_llama, tiny_llama
 from tests.test_trajectories import SETTINGS, FakePolicy, make_rows

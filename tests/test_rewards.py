@@ -62,6 +62,15 @@ def test_extract_answer(text: str, expected: str | None) -> None:
     assert extract_answer(text) == expected
 
 
+def test_boxed_first_prefers_the_box_over_a_stray_hash_line() -> None:
+    text = "9 * 3 = 27 stickers.\n#### 2\nThe answer is \\boxed{27}."  # SmolLM2, as sampled
+    assert extract_answer(text) == "2" and extract_answer(text, boxed_first=True) == "27"
+    assert extract_answer("7 apples\n#### 7", boxed_first=True) == "7"  # no box: the hashes
+    assert extract_answer("so 7 apples", boxed_first=True) == "7"  # neither: the last number
+    assert score(MathVerifyReward(), [text], ["27"]) == [0.0]
+    assert score(MathVerifyReward(boxed_first=True), [text, text], ["27", "2"]) == [1.0, 0.0]
+
+
 def test_last_boxed_nested_and_unbalanced() -> None:
     assert last_boxed("\\boxed{\\sqrt{\\frac{a}{b}}} end") == "\\sqrt{\\frac{a}{b}}"
     assert last_boxed("\\boxed{1} \\boxed{{2}") is None
@@ -191,6 +200,11 @@ def _pathological_main_thread_check() -> None:
     assert got == [0.0] * len(interruptible) + [1.0]
     assert elapsed < 0.3 * len(interruptible) + 3.0, elapsed
     assert reward.timeouts >= 1  # 10!!!!!! cannot finish in 0.3 s
+    # The guard counts math-verify's own cut-off checks in rewards/<name>/timeouts.
+    reward = MathVerifyReward(timeout_s=0.3, max_answer_chars=10**7)
+    texts = ["\\boxed{10!!!!!!}", "\\boxed{1}"]
+    outcome = safe_rewards(reward, texts, texts, ["7", "1"], [{}, {}], timeout_s=30)
+    assert outcome == RewardOutcome(rewards=[0.0, 1.0], failures=0, timeouts=1)
 
 
 def test_math_verify_pathological_is_bounded_in_main_thread() -> None:
@@ -317,6 +331,53 @@ def test_safe_rewards_nonfinite_and_timeout(fn) -> None:
     outcome = safe_rewards(fn, completions, completions, ["x"] * 4, [{}] * 4, timeout_s=0.2)
     assert time.monotonic() - start < 0.2 * 5 + 1.0
     assert outcome == RewardOutcome(rewards=[1.0, 0.0, 0.0, 3.0], failures=1, timeouts=1)
+
+
+@BOTH_KINDS
+def test_hanging_reward_costs_at_most_the_timeout(fn) -> None:
+    # Every call hangs: the batch call and each one-by-one retry share one budget, so the whole
+    # batch costs about timeout_s, not (n + 1) * timeout_s.
+    completions = ["hang"] * 8
+    start = time.monotonic()
+    outcome = safe_rewards(fn, completions, completions, ["x"] * 8, [{}] * 8, timeout_s=0.4)
+    assert time.monotonic() - start < 0.4 + 0.3
+    assert outcome == RewardOutcome(rewards=[0.0] * 8, failures=0, timeouts=8)
+
+
+def test_rewards_are_bounded_by_default() -> None:
+    import inspect
+
+    from cropi_pl.grpo.module import GRPOModule
+
+    default = inspect.signature(GRPOModule).parameters["reward_timeout_s"].default
+    assert default == inspect.signature(safe_rewards).parameters["timeout_s"].default == 60.0
+
+
+class SelfTimed(RewardFunction):
+    """Bounds its own checks as MathVerifyReward does: "slow" is cut off (scored 0, counted)."""
+
+    def __init__(self) -> None:
+        self.timeouts = 0
+
+    def __call__(self, prompts, completions, answers, rows):
+        self.timeouts += completions.count("slow")
+        return [0.0 if text == "slow" else 1.0 for text in completions]
+
+
+def test_safe_rewards_counts_the_rewards_own_timeouts() -> None:
+    texts = ["a", "slow", "b", "slow"]
+    outcome = safe_rewards(SelfTimed(), texts, texts, ["x"] * 4, [{}] * 4)
+    assert outcome == RewardOutcome(rewards=[1.0, 0.0, 1.0, 0.0], failures=0, timeouts=2)
+    mixed = ["slow", "boom"]  # the batch fails, so the completions are retried alone
+
+    class Both(SelfTimed):
+        def __call__(self, prompts, completions, answers, rows):
+            if "boom" in completions:
+                raise RuntimeError("boom")
+            return super().__call__(prompts, completions, answers, rows)
+
+    outcome = safe_rewards(Both(), mixed, mixed, ["x"] * 2, [{}] * 2)
+    assert outcome == RewardOutcome(rewards=[0.0, 0.0], failures=1, timeouts=1)
 
 
 @BOTH_KINDS

@@ -2,15 +2,19 @@
 
 import os
 import random
+import re
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cropi_pl.influence.popi import POPIGradients, PromptTrajectories, behaviour_logps
+from cropi_pl.influence.factorised import FactorisedProjection
+from cropi_pl.influence.popi import Block, POPIConfig, behaviour_logps, collate, prompt_loss
 from cropi_pl.influence.projection import ProjectionConfig, SparseProjector
 from cropi_pl.influence.scorer import InfluenceScorer
 from cropi_pl.influence.selection import InfluenceSelector, SelectionContext
+from cropi_pl.influence.trajectories import PromptTrajectories
 from tests.models import tiny_llama
 
 
@@ -38,27 +42,29 @@ def _setup(seed=0):
     return model, pool, targets
 
 
-def test_scores_equal_brute_force_projection_and_cosine():
-    model, pool, targets = _setup()
-    projection = ProjectionConfig(dim=64, kept_fraction=0.5, seed=3)
-    scorer = InfluenceScorer(projection=projection, prompts_per_batch=3, projection_batch=5)
-    result = scorer.score(model, pool, targets, progress=False)
+def _brute_gradient(model, traj: PromptTrajectories, names: list[str]) -> torch.Tensor:
+    """One prompt's POPI gradient by plain autograd on its own unpadded (K, T) block."""
+    block = Block(*(x[0] for x in collate([traj], torch.device("cpu"))))
+    loss = prompt_loss(model(block.input_ids).logits, block, POPIConfig())
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(loss, [params[n] for n in names])
+    return torch.cat([g.reshape(-1) for g in grads]).double()
 
-    grads = POPIGradients(model, scorer.popi, prompts_per_batch=1, method="loop")
-    matrix = SparseProjector(grads.num_params, projection).explicit_matrix().double()
 
-    def projected(trajs):
-        rows = {}
-        for idx, flat in grads.compute(trajs):
-            for j, i in enumerate(idx):
-                rows[i] = flat[j].double() @ matrix
-        return rows
+def _first(traj: PromptTrajectories, n: int | None) -> PromptTrajectories:
+    if n is None:
+        return traj
+    return PromptTrajectories(
+        traj.prompt_ids, traj.completion_ids[:n], traj.behaviour_logps[:n], traj.rewards[:n]
+    )
 
-    pool_rows = projected(pool)
+
+def _check_scores(result, pool, targets, rows) -> None:
+    """``rows(trajs)`` gives {index: expected projected vector} of the non-zero prompts."""
+    pool_rows = rows(pool)
     assert result.eligible.tolist() == [i in pool_rows for i in range(len(pool))]
     for name, trajs in targets.items():
-        rows = projected(trajs)
-        mean = torch.stack(list(rows.values())).mean(0)
+        mean = torch.stack(list(rows(trajs).values())).mean(0)
         for i in range(len(pool)):
             expected = (
                 torch.nn.functional.cosine_similarity(pool_rows[i], mean, dim=0)
@@ -68,6 +74,88 @@ def test_scores_equal_brute_force_projection_and_cosine():
             torch.testing.assert_close(
                 result.scores[name][i].double(), expected, rtol=1e-4, atol=1e-5
             )
+
+
+SETTINGS = {  # every gradient path x projection kind x cost option, against brute force
+    "loop-gaussian": ({"method": "loop"}, "gaussian", None, None),
+    "hooks-countsketch": ({"method": "hooks"}, "countsketch", None, None),
+    "vmap-rademacher": ({"method": "vmap"}, "rademacher", None, None),
+    "subset-countsketch": ({"method": "loop"}, "countsketch", r"layers\.0\.|lm_head", None),
+    "hooks-subset-3-responses": ({"method": "hooks"}, "gaussian", r"layers\.0\.mlp", 3),
+}
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_scores_equal_brute_force_projection_and_cosine(setting: str) -> None:
+    options, kind, param_filter, responses = SETTINGS[setting]
+    model, pool, targets = _setup()
+    projection = ProjectionConfig(dim=64, kept_fraction=0.5, seed=3, kind=kind)
+    scorer = InfluenceScorer(
+        POPIConfig(param_filter=param_filter),
+        projection,
+        prompts_per_batch=3,
+        responses_per_prompt=responses,
+        **options,
+    )
+    result = scorer.score(model, pool, targets, progress=False)
+
+    names = [n for n, _ in model.named_parameters() if re.search(param_filter or "", n)]
+    matrix = SparseProjector(
+        sum(dict(model.named_parameters())[n].numel() for n in names), projection
+    ).explicit_matrix()
+
+    def rows(trajs):
+        trajs = [_first(t, responses) for t in trajs]
+        return {
+            i: _brute_gradient(model, t, names) @ matrix.double()
+            for i, t in enumerate(trajs)
+            if len(set(t.rewards)) > 1
+        }
+
+    _check_scores(result, pool, targets, rows)
+
+
+def test_factorised_scores_equal_brute_force_kronecker_projection() -> None:
+    """LoGra path: vec(P_out^T G P_in) of each selected linear layer's exact weight gradient G."""
+    model, pool, targets = _setup()
+    popi = POPIConfig(param_filter=r"layers\.0\.(mlp|self_attn\.o_proj)")
+    scorer = InfluenceScorer(popi, ProjectionConfig(seed=5), prompts_per_batch=3, factorised=(3, 4))
+    result = scorer.score(model, pool, targets, progress=False)
+    engine = FactorisedProjection(model, popi, 3, 4, seed=5, module_filter=popi.param_filter)
+    layers = engine.layer_names
+    assert len(layers) == 4 and result.pool_vectors.shape[1] == 4 * 12
+
+    def rows(trajs):
+        out = {}
+        for i, t in enumerate(trajs):
+            if len(set(t.rewards)) <= 1:
+                continue
+            flat = _brute_gradient(model, t, [f"{name}.weight" for name in layers])
+            pieces, start = [], 0
+            for name in layers:
+                p_in, p_out = (m.double() for m in engine.projections[name])
+                size = p_in.shape[0] * p_out.shape[0]
+                weight_grad = flat[start : start + size].reshape(p_out.shape[0], p_in.shape[0])
+                pieces.append((p_out.T @ weight_grad @ p_in).reshape(-1))
+                start += size
+            out[i] = torch.cat(pieces)
+        return out
+
+    _check_scores(result, pool, targets, rows)
+
+
+def test_bf16_autocast_stays_close_to_fp32() -> None:
+    """Lower precision with fp32 accumulation: the same ranking up to bf16 rounding."""
+    model, pool, targets = _setup()
+    projection = ProjectionConfig(dim=256, seed=3, kind="countsketch")
+    exact = InfluenceScorer(projection=projection).score(model, pool, targets, progress=False)
+    fast = InfluenceScorer(POPIConfig(autocast_bf16=True), projection)
+    result = fast.score(model, pool, targets, progress=False)
+    assert result.pool_vectors.dtype == torch.float32
+    assert torch.equal(result.eligible, exact.eligible)
+    for name in targets:
+        error = (result.scores[name] - exact.scores[name]).abs().max().item()
+        assert 0 < error < 0.05, name
 
 
 def _rank_main(rank: int, world: int, port: int, out: str) -> None:

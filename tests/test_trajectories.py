@@ -13,16 +13,9 @@ import torch
 from transformers import LlamaForCausalLM
 
 from cropi_pl.generation.engine import Completion
-from cropi_pl.influence.trajectories import (
-    CacheMismatchError,
-    Collector,
-    SamplingSettings,
-    TrajectoryCache,
-    TrajectoryCacheError,
-    fingerprint_model,
-    fingerprint_rows,
-    seed_tag,
-)
+from cropi_pl.influence.cache import CacheMismatchError, TrajectoryCache, TrajectoryCacheError
+from cropi_pl.influence.collector import Collector, SamplingSettings, seed_tag
+from cropi_pl.influence.fingerprints import fingerprint_model, fingerprint_rows
 from cropi_pl.policy.prompting import PromptEncoder
 from tests.models import tiny_llama
 

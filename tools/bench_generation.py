@@ -38,10 +38,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchlib import machine_info  # noqa: E402
 
+from cropi_pl.atomic import atomic_file  # noqa: E402
 from cropi_pl.generation import HFGenerateEngine, VLLMEngine  # noqa: E402
 from cropi_pl.generation.engine import GenerationEngine, mark_weights_updated  # noqa: E402
 from cropi_pl.grpo.rollout import pack, token_logps  # noqa: E402
-from cropi_pl.influence.projection import atomic_output_path  # noqa: E402
 from cropi_pl.policy.build import resolve_model_path  # noqa: E402
 from cropi_pl.tasks.arithmetic import generate_tasks  # noqa: E402
 
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         "models": models,
     }
     print("vllm_speedup_vs_hf:", json.dumps(output["vllm_speedup_vs_hf"]))
-    with atomic_output_path(args.out) as tmp:
+    with atomic_file(args.out) as tmp:
         tmp.write_text(json.dumps(output, indent=2) + "\n")
     return 0
 

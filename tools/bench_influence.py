@@ -72,16 +72,13 @@ import torch
 from benchlib import machine_info
 from torch import Tensor, nn
 
-from cropi_pl.influence.popi import (
-    FactorisedProjection,
-    POPIConfig,
-    POPIGradients,
-    PromptTrajectories,
-    zero_mask,
-)
+from cropi_pl.influence.factorised import FactorisedProjection
+from cropi_pl.influence.gradients import POPIGradients
+from cropi_pl.influence.popi import POPIConfig
 from cropi_pl.influence.projection import ProjectionConfig, SparseProjector
 from cropi_pl.influence.scorer import InfluenceScorer
 from cropi_pl.influence.selection import cosine_scores, selection_size, target_mean
+from cropi_pl.influence.trajectories import PromptTrajectories, zero_mask
 
 PRECISION_TARGET = 0.90
 SPEEDUP_TARGET = 5.0
@@ -229,13 +226,9 @@ def _fake(trajs: list[PromptTrajectories], seed: int) -> list[PromptTrajectories
 def make_workload(model: nn.Module, tokenizer: Any, config: BenchConfig) -> Workload:
     """Sample pool and target trajectories through the product's cache (reused if it matches)."""
     from cropi_pl.generation.hf import HFGenerateEngine
-    from cropi_pl.influence.trajectories import (
-        Collector,
-        SamplingSettings,
-        TrajectoryCache,
-        fingerprint_model,
-        fingerprint_rows,
-    )
+    from cropi_pl.influence.cache import TrajectoryCache
+    from cropi_pl.influence.collector import Collector, SamplingSettings
+    from cropi_pl.influence.fingerprints import fingerprint_model, fingerprint_rows
     from cropi_pl.policy.prompting import PromptEncoder
     from cropi_pl.rewards.numeric import ExactNumberReward
 
@@ -516,7 +509,6 @@ def scorer_check(
         config.prompts_per_batch,
         config.max_target_prompts,
         config.seed,
-        projection_batch=config.projection_batch,
     )
     with measured() as section:
         got, nonzero = scorer.project(model, work.pool, progress=False)

@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from cropi_pl.atomic import atomic_file
 from cropi_pl.curriculum.contract import CurriculumData, CurriculumPolicy
 from cropi_pl.curriculum.resampling import (
     ResampleConfig,
@@ -24,9 +25,10 @@ from cropi_pl.curriculum.resampling import (
     measure_drift,
     stale_prompts,
 )
-from cropi_pl.generation.engine import row_seed
-from cropi_pl.influence.popi import Method, POPIConfig, PromptTrajectories
-from cropi_pl.influence.projection import ProjectionConfig, atomic_output_path
+from cropi_pl.influence.cache import TrajectoryCache
+from cropi_pl.influence.gradients import Method
+from cropi_pl.influence.popi import POPIConfig
+from cropi_pl.influence.projection import ProjectionConfig
 from cropi_pl.influence.scorer import InfluenceScorer
 from cropi_pl.influence.selection import (
     InfluenceSelector,
@@ -37,7 +39,8 @@ from cropi_pl.influence.selection import (
     Selector,
     selection_size,
 )
-from cropi_pl.influence.trajectories import TrajectoryCache, pass_rate
+from cropi_pl.influence.trajectories import PromptTrajectories, pass_rate
+from cropi_pl.seeding import derive_seed
 
 TRAJECTORY_SELECTORS = (InfluenceSelector, PassRateSelector, LearnabilitySelector)
 
@@ -121,8 +124,10 @@ class CurriculumCallback(L.Callback):
         popi: off-policy gradient options (ratio clipping, reweighting, parameter subset).
         projection: sparse random projection (dimension, kept fraction, kind, seed).
         prompts_per_batch: prompts per backward pass in the influence pass.
-        projection_batch: gradients buffered per projection call (each call streams the random
-            matrix once; memory is this many full gradients).
+        responses_per_prompt: stored responses used per prompt (None: all K); fewer make the
+            influence pass cheaper (``InfluenceScorer``).
+        factorised: ``(k_in, k_out)`` to score with the LoGra-style factorised projection of
+            linear layers instead of full gradients (``InfluenceScorer``).
         method: per-prompt gradients by "hooks" (one backward per batch), "vmap" or "loop"
             (one backward per prompt); default: vmap on CUDA, loop elsewhere (``POPIGradients``).
         max_target_prompts: target prompts averaged into each target gradient (the paper: 100).
@@ -147,8 +152,9 @@ class CurriculumCallback(L.Callback):
         popi: POPIConfig | None = None,
         projection: ProjectionConfig | None = None,
         prompts_per_batch: int = 8,
-        projection_batch: int = 128,
         method: Method | None = None,
+        responses_per_prompt: int | None = None,
+        factorised: tuple[int, int] | None = None,
         max_target_prompts: int = 100,
         log_drift: bool = False,
         resample: ResampleConfig | None = None,
@@ -168,8 +174,9 @@ class CurriculumCallback(L.Callback):
             projection,
             prompts_per_batch,
             max_target_prompts,
-            projection_batch=projection_batch,
             method=method,
+            responses_per_prompt=responses_per_prompt,
+            factorised=factorised,
         )
         self.log_drift = log_drift
         self.resample = resample
@@ -283,7 +290,7 @@ class CurriculumCallback(L.Callback):
             metrics.update(drift.metrics())
         if fresh is None:  # re-sampling is on and this stage has not re-sampled yet
             start = time.perf_counter()
-            seed = row_seed("resample", data.seed, stage)
+            seed = derive_seed("resample", data.seed, stage)
             ess = drift.ess if drift is not None else None
             chosen, counts = stale_prompts(trajs, self.resample, ess, seed)
             collector, settings = data.pool_collector(model, policy)
@@ -322,5 +329,5 @@ class CurriculumCallback(L.Callback):
             logger.log_metrics(metrics, step=step)
             if isinstance(logger, TensorBoardLogger):
                 _histograms(logger.experiment, selection, ctx, step)
-        with atomic_output_path(directory / f"stage-{stage:03d}.metrics.json") as tmp:
+        with atomic_file(directory / f"stage-{stage:03d}.metrics.json") as tmp:
             Path(tmp).write_text(json.dumps(metrics, indent=1, sort_keys=True))

@@ -23,14 +23,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cropi_pl.influence.popi import PromptTrajectories, behaviour_logps
-from cropi_pl.influence.trajectories import (
-    Collector,
-    SamplingSettings,
-    TrajectoryCache,
-    TrajectoryCacheError,
-    trajectories_from_columns,
-)
+from cropi_pl.influence.cache import TrajectoryCache, TrajectoryCacheError
+from cropi_pl.influence.collector import Collector, SamplingSettings
+from cropi_pl.influence.popi import behaviour_logps
+from cropi_pl.influence.trajectories import PromptTrajectories, trajectories_from_columns
 from cropi_pl.sharding import rank_and_world
 
 

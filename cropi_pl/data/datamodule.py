@@ -13,13 +13,9 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from cropi_pl.data.sampler import SubsetBatchStream
-from cropi_pl.influence.trajectories import (
-    Collector,
-    SamplingSettings,
-    TrajectoryCache,
-    fingerprint_model,
-    fingerprint_rows,
-)
+from cropi_pl.influence.cache import TrajectoryCache
+from cropi_pl.influence.collector import Collector, SamplingSettings
+from cropi_pl.influence.fingerprints import fingerprint_model, fingerprint_rows
 from cropi_pl.sharding import rank_and_world
 from cropi_pl.tasks.source import PromptSource, load_source
 

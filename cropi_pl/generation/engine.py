@@ -7,7 +7,6 @@ code.
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -29,12 +28,6 @@ class Completion:
     ids: list[int]
     truncated: bool
     logprobs: list[float] | None = None
-
-
-def row_seed(*parts: object) -> int:
-    """A 63-bit seed that is a pure function of its parts (no salted ``hash``)."""
-    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def mark_weights_updated(model: nn.Module) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from torch.nn.utils.rnn import pad_sequence
+from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from cropi_pl.generation.engine import Completion, GenerationEngine
 
@@ -61,19 +64,57 @@ def _is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
+def _cache_keyword(model: nn.Module) -> str:
+    """The forward/generate keyword of the KV cache: ``cache`` since transformers 5.2x,
+    ``past_key_values`` before (the vLLM environment pins an older transformers)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _shared_prefix_cache(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, num_samples: int
+) -> DynamicCache:
+    """The KV cache of every prompt but its last token, computed once per prompt and repeated
+    for its ``num_samples`` rows (what ``generate`` would compute for each row again).
+
+    Positions follow ``generate``'s own rule for left padding (``cumsum(mask) - 1``, pads at 0),
+    so ``generate`` continues from this cache exactly as from its own prefill; it feeds the last
+    prompt token itself, because its attention mask covers the whole prompt.
+    """
+    cache = DynamicCache()
+    positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    model(
+        input_ids=input_ids[:, :-1],
+        attention_mask=attention_mask[:, :-1],
+        position_ids=positions[:, :-1],
+        use_cache=True,
+        **{_cache_keyword(model): cache},
+    )
+    cache.batch_repeat_interleave(num_samples)
+    return cache
+
+
 class HFGenerateEngine(GenerationEngine):
-    """Batched ``model.generate`` with left padding.
+    """Batched ``model.generate`` over left-padded prompts, each prompt prefilled once.
+
+    The ``num_samples`` completions of a prompt share its prompt, so its KV cache is computed once
+    and repeated for them (:func:`_shared_prefix_cache`) instead of once per completion.
 
     Args:
         reproducible: sample through :class:`SeededGumbelSampler` (completions depend only on their
             seed); ``False`` uses ``generate``'s own sampler and the global RNG, which is faster for
             large vocabularies.
-        batch_size: rows per ``generate`` call, to bound KV-cache memory.
+        batch_size: completions per ``generate`` call, to bound KV-cache memory (whole prompts:
+            a prompt's completions are never split, so a call holds at least one prompt's).
+        share_prompt_cache: prefill each prompt once for its completions; ``False`` prefills
+            every completion's copy of the prompt (the plain ``generate`` call).
     """
 
-    def __init__(self, reproducible: bool = True, batch_size: int = 256) -> None:
+    def __init__(
+        self, reproducible: bool = True, batch_size: int = 256, share_prompt_cache: bool = True
+    ) -> None:
         self.reproducible = reproducible
         self.batch_size = batch_size
+        self.share_prompt_cache = share_prompt_cache
 
     def generate(
         self,
@@ -88,22 +129,26 @@ class HFGenerateEngine(GenerationEngine):
         pad_token_id: int,
         seeds: list[int] | None = None,
     ) -> list[Completion]:
-        rows = [p for p in prompts for _ in range(num_samples)]
-        if seeds is not None and len(seeds) != len(rows):
-            raise ValueError(f"expected {len(rows)} seeds (one per completion), got {len(seeds)}")
+        if seeds is not None and len(seeds) != len(prompts) * num_samples:
+            raise ValueError(
+                f"expected {len(prompts) * num_samples} seeds (one per completion), "
+                f"got {len(seeds)}"
+            )
+        per_call = max(1, self.batch_size // num_samples)
         out: list[Completion] = []
         # inference_mode skips autograd's bookkeeping, which small decode steps are dominated by
         # (only token lists leave this call); FSDP2 must not gather its parameters into inference
         # tensors, so sharded models decode under no_grad.
         with torch.no_grad() if _is_sharded(model) else torch.inference_mode():
-            for start in range(0, len(rows), self.batch_size):
-                chunk = rows[start : start + self.batch_size]
-                chunk_seeds = seeds[start : start + self.batch_size] if seeds else None
+            for start in range(0, len(prompts), per_call):
+                chunk = prompts[start : start + per_call]
+                rows = slice(start * num_samples, (start + len(chunk)) * num_samples)
                 out.extend(
                     self._generate_chunk(
                         model,
                         chunk,
-                        chunk_seeds,
+                        num_samples,
+                        seeds[rows] if seeds else None,
                         max_new_tokens,
                         temperature,
                         top_p,
@@ -116,7 +161,8 @@ class HFGenerateEngine(GenerationEngine):
     def _generate_chunk(
         self,
         model: nn.Module,
-        rows: list[list[int]],
+        prompts: list[list[int]],
+        num_samples: int,
         seeds: list[int] | None,
         max_new_tokens: int,
         temperature: float,
@@ -125,12 +171,19 @@ class HFGenerateEngine(GenerationEngine):
         pad_token_id: int,
     ) -> list[Completion]:
         device = next(model.parameters()).device
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for i, r in enumerate(rows):
-            input_ids[i, width - len(r) :] = torch.tensor(r)
-            attention_mask[i, width - len(r) :] = 1
+        input_ids = pad_sequence(
+            [torch.tensor(p, dtype=torch.long) for p in prompts],
+            batch_first=True,
+            padding_value=pad_token_id,
+            padding_side="left",
+        ).to(device)
+        attention_mask = pad_sequence(
+            [torch.ones(len(p), dtype=torch.long) for p in prompts],
+            batch_first=True,
+            padding_value=0,
+            padding_side="left",
+        ).to(device)
+        width = input_ids.shape[1]
         processors = LogitsProcessorList()
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
@@ -141,7 +194,7 @@ class HFGenerateEngine(GenerationEngine):
         if temperature > 0:
             if self.reproducible:
                 if seeds is None:
-                    seeds = torch.randint(0, 2**62, (len(rows),)).tolist()
+                    seeds = torch.randint(0, 2**62, (len(prompts) * num_samples,)).tolist()
                 processors.append(SeededGumbelSampler(seeds, temperature, top_p, max_new_tokens))
             else:
                 config.do_sample, config.temperature, config.top_p = True, temperature, top_p
@@ -149,12 +202,17 @@ class HFGenerateEngine(GenerationEngine):
         was_training = model.training
         model.eval()
         try:
+            cached = {}
+            if self.share_prompt_cache and num_samples > 1 and width > 1:
+                cache = _shared_prefix_cache(model, input_ids, attention_mask, num_samples)
+                cached[_cache_keyword(model)] = cache
             sequences = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
+                input_ids=input_ids.repeat_interleave(num_samples, dim=0),
+                attention_mask=attention_mask.repeat_interleave(num_samples, dim=0),
                 generation_config=config,
                 logits_processor=processors,
                 synced_gpus=_is_sharded(model),
+                **cached,
             )
         finally:
             model.train(was_training)

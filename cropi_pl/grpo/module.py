@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cropi_pl.generation import Completion, GenerationEngine, HFGenerateEngine, row_seed
+from cropi_pl.generation import Completion, GenerationEngine, HFGenerateEngine
 from cropi_pl.generation.engine import mark_weights_updated
 from cropi_pl.grpo.advantages import group_advantages, zero_std_fraction
 from cropi_pl.grpo.losses import (
@@ -30,11 +30,12 @@ from cropi_pl.grpo.losses import (
     policy_loss,
 )
 from cropi_pl.grpo.rollout import PackedBatch, pack, pack_token_values, token_logps
-from cropi_pl.influence.trajectories import Collector, SamplingSettings
-from cropi_pl.policy.build import resolve_model_path
+from cropi_pl.influence.collector import Collector, SamplingSettings
+from cropi_pl.policy.build import check_model_name, resolve_model_path
 from cropi_pl.policy.prompting import PromptEncoder, PromptFormat
 from cropi_pl.policy.quantization import ReferenceQuantization, load_quantized
 from cropi_pl.rewards.base import (
+    DEFAULT_REWARD_TIMEOUT_S,
     RewardCallable,
     RewardFunction,
     combine,
@@ -42,6 +43,7 @@ from cropi_pl.rewards.base import (
     safe_rewards,
 )
 from cropi_pl.rewards.numeric import ExactNumberReward
+from cropi_pl.seeding import derive_seed
 from cropi_pl.sharding import shard_per_layer
 
 TABLE_PROMPTS = 4  # prompts (with all their completions) in the TensorBoard completions table
@@ -124,7 +126,9 @@ class GRPOModule(L.LightningModule):
             arguments (``cropi_pl.rewards.base``); the first one defines accuracy and fills the
             trajectory cache.
         reward_weights: weights of ``rewards`` (default all 1); a None reward adds nothing.
-        reward_timeout_s: wall-clock bound on each reward call (the failure guard's deadline).
+        reward_timeout_s: wall-clock bound on one reward function's scoring of one batch, 60 s
+            by default (the failure guard's budget, :func:`~cropi_pl.rewards.base.safe_rewards`;
+            completions it cuts off score 0 and are counted); ``None`` waits forever.
         prompt_format: ``auto`` (the tokenizer's chat template if it has one), ``chat`` or
             ``plain`` (``cropi_pl.policy.prompting``); used identically for rollouts,
             evaluation and the trajectory cache.
@@ -173,7 +177,7 @@ class GRPOModule(L.LightningModule):
         max_grad_norm: float | None = 1.0,
         rewards: list[RewardFunction | RewardCallable] | None = None,
         reward_weights: list[float] | None = None,
-        reward_timeout_s: float | None = None,
+        reward_timeout_s: float | None = DEFAULT_REWARD_TIMEOUT_S,
         prompt_format: PromptFormat = "auto",
         system_prompt: str | None = None,
         engine: GenerationEngine | None = None,
@@ -195,6 +199,7 @@ class GRPOModule(L.LightningModule):
             raise ValueError("num_generations must be >= 2: group advantages need a group")
         if num_iterations < 1:
             raise ValueError("num_iterations must be >= 1")
+        check_model_name(model)
         self.model_name = model
         self.rewards = list(rewards) if rewards else [ExactNumberReward()]
         self.reward_weights = list(reward_weights) if reward_weights else [1.0] * len(self.rewards)
@@ -291,7 +296,7 @@ class GRPOModule(L.LightningModule):
         prompts = self.prompts.encode_rows(rows)
         step = self.global_step if tag == "train" else 0
         seeds = [
-            row_seed(self.hparams.seed, tag, step, r["id"], j)
+            derive_seed(self.hparams.seed, tag, step, r["id"], j)
             for r in rows
             for j in range(num_samples)
         ]

@@ -10,10 +10,20 @@ comparable:
    probability as under one uniform draw over all ``d`` coordinates, but the per-block counts are
    fixed (stratified sampling), which lowers the variance of how much of each layer is seen and
    lets the index sets be built lazily, block by block. Kept values are not rescaled.
-2. JL projection ``R``: the kept coordinates of block ``b`` are multiplied by an i.i.d. Gaussian
-   (or Rademacher) matrix scaled by ``1/sqrt(k)``. The matrix is never materialised: it is
-   regenerated ``chunk_rows`` rows at a time from a CPU generator seeded by ``(seed, b, chunk)`` in
-   float32, so it is bit-identical on every machine, and only the ``(P, k)`` result is kept.
+2. JL projection ``R``, one of
+   * "gaussian"/"rademacher": the kept coordinates of block ``b`` are multiplied by an i.i.d.
+     Gaussian (or Rademacher) matrix scaled by ``1/sqrt(k)``. The matrix is never materialised: it
+     is regenerated ``chunk_rows`` rows at a time from a CPU generator seeded by
+     ``(seed, b, chunk)`` in float32, so it is bit-identical on every machine. Cost: 2 k flops per
+     kept coordinate plus generating k random numbers per kept coordinate and call.
+   * "countsketch" (sparse JL, sign-and-bucket): kept coordinate ``i`` is added with a random
+     sign to one random bucket ``h(i)`` of the k outputs, so ``R`` has one +-1 per row. Cost: one
+     scatter-add per kept coordinate, whatever k is; the (bucket, sign) pairs are drawn once per
+     block (seeded by ``(seed, b)``) and kept as one int32 per kept coordinate, the size of one
+     gradient, never a d x k matrix. Its inner products are unbiased like the Gaussian's, with a
+     variance that is at most that of a Rademacher projection (for gradients whose mass is not
+     concentrated on a few coordinates; Clarkson & Woodruff 2013).
+   Only the ``(P, k)`` result is kept.
 
 Accumulation is always float32, whatever the gradient dtype: the paper's dense projection collapsed
 most likely because of fp16 accumulation over ~1e9 terms.
@@ -21,14 +31,10 @@ most likely because of fp16 accumulation over ~1e9 terms.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import tempfile
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -38,15 +44,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from cropi_pl.atomic import atomic_file
+from cropi_pl.seeding import derive_seed
+
 __all__ = [
     "ProjectionConfig",
     "ProjectionState",
     "SparseProjector",
-    "atomic_output_path",
-    "derive_seed",
     "load_projected",
     "save_projected",
 ]
+
+
+_KINDS = ("gaussian", "rademacher", "countsketch")
 
 
 @dataclass(frozen=True)
@@ -57,7 +67,7 @@ class ProjectionConfig:
     dim: int = 8192
     kept_fraction: float | None = 1.0
     kept_count: int | None = None
-    kind: Literal["gaussian", "rademacher"] = "gaussian"
+    kind: Literal["gaussian", "rademacher", "countsketch"] = "gaussian"
     seed: int = 0
     block_size: int = 1 << 20
     chunk_rows: int = 2048
@@ -75,20 +85,11 @@ class ProjectionConfig:
             )
         if self.kept_count is not None and self.kept_count < 1:
             raise ValueError(f"ProjectionConfig.kept_count must be >= 1, got {self.kept_count}")
-        if self.kind not in ("gaussian", "rademacher"):
-            raise ValueError(
-                f"ProjectionConfig.kind must be 'gaussian' or 'rademacher', got {self.kind!r}"
-            )
+        if self.kind not in _KINDS:
+            raise ValueError(f"ProjectionConfig.kind must be one of {_KINDS}, got {self.kind!r}")
         for name in ("dim", "block_size", "chunk_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ProjectionConfig.{name} must be >= 1, got {getattr(self, name)}")
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit generator seed that is a pure function of ``parts`` (unlike Python's salted
-    ``hash``), so every process and machine derives the same stream for the same block/chunk."""
-    digest = hashlib.sha256(json.dumps(list(parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 @dataclass
@@ -139,6 +140,7 @@ class SparseProjector:
         ]
         self._block_kept = [cumulative[b + 1] - cumulative[b] for b in range(self.num_blocks)]
         self._kept_cache: dict[int, torch.Tensor] = {}
+        self._bucket_cache: dict[int, torch.Tensor] = {}
 
     @property
     def num_kept(self) -> int:
@@ -171,6 +173,17 @@ class SparseProjector:
             return torch.randn(rows, cfg.dim, generator=gen).mul_(scale)
         signs = torch.randint(0, 2, (rows, cfg.dim), generator=gen, dtype=torch.float32)
         return signs.mul_(2.0 * scale).sub_(scale)
+
+    def _signed_buckets(self, block: int) -> torch.Tensor:
+        """CountSketch map of ``block``'s kept coordinates (int32, cached): ``bucket + 1`` with the
+        sign of the coordinate's +-1 entry, so one int32 per kept coordinate holds both."""
+        if block not in self._bucket_cache:
+            cfg = self.config
+            gen = torch.Generator().manual_seed(derive_seed("countsketch", cfg.seed, block))
+            draw = torch.randint(0, 2 * cfg.dim, (self._block_kept[block],), generator=gen)
+            bucket = draw % cfg.dim + 1
+            self._bucket_cache[block] = torch.where(draw < cfg.dim, bucket, -bucket).to(torch.int32)
+        return self._bucket_cache[block]
 
     def begin(self, rows: int, device: torch.device | str | None = None) -> ProjectionState:
         """Start projecting ``rows`` gradients that will be fed piece by piece with ``add``."""
@@ -234,7 +247,9 @@ class SparseProjector:
             index = kept[first:last].to(device=values.device, dtype=torch.long) - lo
             kept_values = values[:, index]
         complete = sum(b - a for a, b in intervals) == end - start
-        if complete and len(intervals) == 1:
+        if self.config.kind == "countsketch":  # coordinate by coordinate: nothing to buffer
+            self._sketch(state, block, first, last, kept_values.float())
+        elif complete and len(intervals) == 1:
             self._project_block(state, block, kept_values.float())
         else:
             if block not in state.buffers:
@@ -247,6 +262,15 @@ class SparseProjector:
         if complete:
             del state.covered[block]
             state.done.add(block)
+
+    def _sketch(
+        self, state: ProjectionState, block: int, first: int, last: int, kept_values: torch.Tensor
+    ) -> None:
+        """Add kept coordinates ``[first, last)`` of ``block`` to their signed buckets."""
+        assert state.out is not None
+        signed = self._signed_buckets(block)[first:last].to(state.out.device)
+        index = (signed.abs() - 1).long()
+        state.out.index_add_(1, index, kept_values * signed.sign().to(kept_values.dtype))
 
     def _project_block(self, state: ProjectionState, block: int, kept_values: torch.Tensor) -> None:
         assert state.out is not None
@@ -290,29 +314,14 @@ class SparseProjector:
             start, end = self._block_bounds(block)
             kept = self._kept(block)
             rows = torch.arange(start, end) if kept is None else kept.long() + start
+            if cfg.kind == "countsketch":
+                signed = self._signed_buckets(block).long()
+                matrix[rows, signed.abs() - 1] = signed.sign().float()
+                continue
             for chunk, first in enumerate(range(0, rows.numel(), cfg.chunk_rows)):
                 last = min(first + cfg.chunk_rows, rows.numel())
                 matrix[rows[first:last]] = self._chunk(block, chunk, last - first)
         return matrix
-
-
-@contextmanager
-def atomic_output_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one
-    ``os.replace``, so readers never see a half-written artifact (a crash leaves the old file)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def save_projected(
@@ -333,7 +342,7 @@ def save_projected(
     except TypeError as err:
         raise TypeError(f"save_projected({path}): meta is not JSON-serialisable: {err}") from err
     tensors = {"vectors": vectors.detach().to(device="cpu", dtype=torch.float32).contiguous()}
-    with atomic_output_path(path) as tmp:
+    with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -12,16 +12,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from cropi_pl.influence.popi import (
-    Method,
-    POPIConfig,
-    POPIGradients,
-    PromptTrajectories,
-    zero_mask,
-)
+from cropi_pl.influence.factorised import FactorisedProjection
+from cropi_pl.influence.gradients import Method, POPIGradients
+from cropi_pl.influence.popi import POPIConfig
 from cropi_pl.influence.projection import ProjectionConfig, SparseProjector
 from cropi_pl.influence.selection import cosine_scores, target_mean
+from cropi_pl.influence.trajectories import PromptTrajectories, zero_mask
 from cropi_pl.sharding import rank_and_world
+
+ProjectFn = Callable[[Sequence[PromptTrajectories]], Iterator[tuple[list[int], Tensor]]]
 
 
 @dataclass
@@ -30,7 +29,7 @@ class InfluenceResult:
 
     scores: dict[str, Tensor]
     eligible: Tensor  # bool (N,): pool prompts with a non-zero gradient
-    pool_vectors: Tensor  # (N, k) float32, zero rows for ineligible prompts
+    pool_vectors: Tensor  # (N, dim) float32, zero rows for ineligible prompts
     target_means: dict[str, Tensor]
     seconds: float
     stats: dict[str, float] = field(default_factory=dict)
@@ -41,10 +40,19 @@ class InfluenceScorer:
 
     The prompts are split round-robin over ranks; each rank projects its share and an all-reduce
     assembles the full matrix, so every rank makes the same selection as a single process would.
-    The projector is fixed by its seed, so scores of different stages are comparable. Gradients
-    are buffered ``projection_batch`` prompts at a time (memory: that many full gradients) because
-    each projection call streams the whole random matrix once. ``method`` is ``POPIGradients``'s
-    (None: vmap on CUDA, one backward per prompt elsewhere).
+    The projection is fixed by its seed, so scores of different stages are comparable.
+
+    Cost controls (``tools/bench_influence.py`` measures each against exact scores):
+    prompts whose cached rewards are all equal are skipped before any forward pass (their
+    gradient is exactly zero); ``responses_per_prompt`` uses only the first K' stored responses of
+    each prompt; ``popi.param_filter`` differentiates a parameter subset (the backward stops
+    early); ``popi.autocast_bf16`` runs the passes in bf16 with fp32 accumulation; gradients are
+    streamed parameter by parameter into the projection (``projection.kind="countsketch"`` costs
+    one scatter-add per kept coordinate), so at most ``prompts_per_batch`` full gradients exist
+    (one with ``method="loop"``). ``factorised=(k_in, k_out)`` replaces the gradient and the
+    projection by :class:`~cropi_pl.influence.factorised.FactorisedProjection` (linear layers
+    matching ``popi.param_filter``, seeded by ``projection.seed``): the gradient is never formed.
+    ``method`` is ``POPIGradients``'s (None: vmap on CUDA, the per-prompt loop elsewhere).
     """
 
     def __init__(
@@ -54,17 +62,53 @@ class InfluenceScorer:
         prompts_per_batch: int = 8,
         max_target_prompts: int = 100,
         seed: int = 0,
-        projection_batch: int = 128,
         method: Method | None = None,
+        responses_per_prompt: int | None = None,
+        factorised: tuple[int, int] | None = None,
     ) -> None:
+        if responses_per_prompt is not None and responses_per_prompt < 2:
+            raise ValueError(
+                f"responses_per_prompt must be >= 2 (a group needs two rewards), "
+                f"got {responses_per_prompt}"
+            )
         self.popi = popi or POPIConfig()
         self.projection = projection or ProjectionConfig()
         self.prompts_per_batch = prompts_per_batch
         self.max_target_prompts = max_target_prompts
         self.seed = seed
-        self.projection_batch = projection_batch
         self.method = method
+        self.responses_per_prompt = responses_per_prompt
+        self.factorised = None if factorised is None else (int(factorised[0]), int(factorised[1]))
         self._projector: SparseProjector | None = None
+
+    def _engine(self, model: nn.Module) -> tuple[int, ProjectFn]:
+        """(output dim, function yielding (indices, projected rows)) for ``model``."""
+        if self.factorised is not None:
+            k_in, k_out = self.factorised
+            engine = FactorisedProjection(
+                model,
+                self.popi,
+                k_in,
+                k_out,
+                seed=self.projection.seed,
+                module_filter=self.popi.param_filter,
+                prompts_per_batch=self.prompts_per_batch,
+            )
+            return engine.dim, engine.project
+        grads = POPIGradients(model, self.popi, self.prompts_per_batch, self.method)
+        if self._projector is None or self._projector.num_params != grads.num_params:
+            self._projector = SparseProjector(grads.num_params, self.projection)
+        projector = self._projector
+        return projector.config.dim, lambda trajs: grads.project(trajs, projector)
+
+    def _responses(self, traj: PromptTrajectories) -> PromptTrajectories:
+        """The first ``responses_per_prompt`` stored responses of ``traj``."""
+        n = self.responses_per_prompt
+        if n is None or len(traj.rewards) <= n:
+            return traj
+        return PromptTrajectories(
+            traj.prompt_ids, traj.completion_ids[:n], traj.behaviour_logps[:n], traj.rewards[:n]
+        )
 
     def project(
         self,
@@ -73,32 +117,19 @@ class InfluenceScorer:
         desc: str = "influence",
         progress: bool = True,
     ) -> tuple[Tensor, Tensor]:
-        """``(vectors (n, k), nonzero (n,))`` for all prompts, computed in rank shares."""
+        """``(vectors (n, dim), nonzero (n,))`` for all prompts, computed in rank shares."""
         rank, world = rank_and_world()
         device = next(model.parameters()).device
-        grads = POPIGradients(model, self.popi, self.prompts_per_batch, self.method)
-        if self._projector is None or self._projector.num_params != grads.num_params:
-            self._projector = SparseProjector(grads.num_params, self.projection)
+        trajs = [self._responses(t) for t in trajs]
+        dim, project = self._engine(model)
         nonzero = torch.tensor([not z for z in zero_mask(trajs)])
         mine = [i for i in range(len(trajs)) if nonzero[i] and i % world == rank]
-        vectors = torch.zeros(len(trajs), self.projection.dim, device=device)
+        vectors = torch.zeros(len(trajs), dim, device=device)
         bar = tqdm(total=len(mine), desc=desc, disable=not progress or rank != 0, leave=False)
-        pending: list[tuple[list[int], Tensor]] = []
-
-        def flush() -> None:
-            # The projector regenerates its random matrix per call: project many rows at once.
-            rows = torch.tensor([mine[i] for batch, _ in pending for i in batch], device=device)
-            flat = torch.cat([g for _, g in pending])
-            vectors[rows] = self._projector.project(flat).to(device)
-            pending.clear()
-
-        for batch, flat in grads.compute([trajs[i] for i in mine]):
-            pending.append((batch, flat))
-            if sum(len(b) for b, _ in pending) >= self.projection_batch:
-                flush()
+        for batch, projected in project([trajs[i] for i in mine]):
+            rows = torch.tensor([mine[i] for i in batch], device=device)
+            vectors[rows] = projected.to(device)
             bar.update(len(batch))
-        if pending:
-            flush()
         bar.close()
         if world > 1:
             dist.all_reduce(vectors)  # each row is non-zero on exactly one rank

@@ -19,7 +19,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from cropi_pl.influence.projection import atomic_output_path
+from cropi_pl.atomic import atomic_file
 
 __all__ = [
     "FullSelector",
@@ -219,7 +219,7 @@ class Selection:
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        with atomic_output_path(path) as tmp:
+        with atomic_file(path) as tmp:
             tmp.write_text(self.to_json())
 
     @classmethod

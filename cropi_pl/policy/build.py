@@ -37,6 +37,8 @@ from cropi_pl.policy.tokenizer import build_tokenizer
 from cropi_pl.tasks.arithmetic import generate_tasks
 
 EMBEDDED_PREFIX = "embedded:"
+# What the hub accepts as a repo id ("gpt2", "org/name"); any other missing path is a local one.
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 METADATA_FILE = "cropi_policy.json"
 ANSWER_PATTERN = re.compile(r"####\s*(-?\d+)")
 PASS_RATE_BUCKETS = ("0", "(0,0.25]", "(0.25,0.5]", "(0.5,0.75]", "(0.75,1)", "1")
@@ -302,14 +304,33 @@ def embedded_policy_path(name: str = "tiny-policy") -> Path:
     return Path(str(resources.files("cropi_pl") / "assets" / name))
 
 
+def check_model_name(name_or_path: str) -> None:
+    """Raise for a local model path that does not exist; cheap, so modules call it when built.
+
+    A path that cannot be a hub name (``runs/x/hf_model``, ``./model``) is refused here, before
+    transformers tries it as a repo id and fails with an unrelated message.
+    """
+    local = Path(name_or_path).expanduser()
+    if name_or_path.startswith(EMBEDDED_PREFIX) or local.exists():
+        return
+    if not HUB_NAME.fullmatch(name_or_path):
+        raise FileNotFoundError(
+            f"model {name_or_path!r}: the local path {local.absolute()} does not exist (and it "
+            "is not a hub name such as 'org/name')"
+        )
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """An HF folder for ``name_or_path``; hub names and local folders pass through unchanged.
+
+    A missing local path is refused (:func:`check_model_name`).
 
     ``embedded:tiny`` is the shipped ``tiny-policy`` folder; ``embedded:<name>`` for a name in
     :data:`~cropi_pl.policy.embedded.EMBEDDED_GGUF` (``smollm2-135m-instruct``) is converted from
     its GGUF package into the user cache on first use.
     """
     if not name_or_path.startswith(EMBEDDED_PREFIX):
+        check_model_name(name_or_path)
         return name_or_path
     name = name_or_path[len(EMBEDDED_PREFIX) :]
     if name in EMBEDDED_GGUF:

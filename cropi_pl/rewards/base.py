@@ -38,6 +38,10 @@ logger = logging.getLogger(__name__)
 # skips it too), and a column may not shadow one of the keyword arguments.
 UNPASSED_COLUMNS = ("prompt", "prompts", "completions", "answers")
 
+DEFAULT_REWARD_TIMEOUT_S = 60.0
+"""Default bound on one reward function's wall-clock time for one batch (``reward_timeout_s``):
+long enough for any honest checker, short enough that a hanging one cannot stall a run."""
+
 
 class RewardFunction(ABC):
     """Scores completions; subclasses are configured from YAML by class path and init args.
@@ -46,6 +50,10 @@ class RewardFunction(ABC):
     """
 
     name: str = ""
+    timeouts: int = 0
+    """Checks the function cut off itself (scoring them 0), counted since construction; the guard
+    adds each call's increase to ``rewards/<name>/timeouts``. A function without its own
+    deadlines leaves it 0."""
 
     @abstractmethod
     def __call__(
@@ -64,7 +72,7 @@ RewardCallable = Callable[..., Sequence[float | None]]
 class RewardOutcome:
     """One reward function's values for a batch: a float per completion, or None where the
     function said it does not apply; ``failures``/``timeouts`` count completions zeroed by the
-    guard."""
+    guard (``timeouts`` also those the function cut off itself)."""
 
     rewards: list[float | None]
     failures: int
@@ -163,6 +171,13 @@ def _value(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
+def reported_timeouts(fn: RewardCallable) -> int:
+    """The checks ``fn`` says it cut off itself (:attr:`RewardFunction.timeouts`), 0 if it keeps
+    no count."""
+    count = getattr(fn, "timeouts", 0)
+    return count if isinstance(count, int) and not isinstance(count, bool) else 0
+
+
 def _call_one(
     fn: RewardCallable,
     prompt: str,
@@ -171,7 +186,9 @@ def _call_one(
     row: dict,
     timeout_s: float | None,
 ) -> tuple[float | None, str | None]:
-    """Score one completion alone: (reward, None) or (0.0, 'failure' | 'timeout')."""
+    """Score one completion alone: (reward, None) or (0.0, 'failure' | 'timeout'), where a
+    timeout is also one the reward reported itself (its ``timeouts`` count grew)."""
+    before = reported_timeouts(fn)
     try:
         with deadline(timeout_s):
             values = list(call_reward(fn, [prompt], [completion], [answer], [row]))
@@ -181,9 +198,34 @@ def _call_one(
     except Exception:
         logger.debug("reward %s failed on one completion", reward_name(fn), exc_info=True)
         return 0.0, "failure"
-    if value is None or math.isfinite(value):
-        return value, None
-    return 0.0, "failure"
+    if value is not None and not math.isfinite(value):
+        return 0.0, "failure"
+    return value, "timeout" if reported_timeouts(fn) > before else None
+
+
+def _one_by_one(
+    fn: RewardCallable,
+    prompts: list[str],
+    completions: list[str],
+    answers: list[str],
+    rows: list[dict],
+    end: float | None,
+) -> RewardOutcome:
+    """Score each completion alone, sharing the time left until ``end`` (monotonic clock; None:
+    unbounded) fairly: each call gets the time left over the calls left, so one hanging
+    completion costs its share, and completions reached after ``end`` are timeouts unscored."""
+    rewards: list[float | None] = []
+    failures = timeouts = 0
+    for index, args in enumerate(zip(prompts, completions, answers, rows, strict=True)):
+        share = None if end is None else (end - time.monotonic()) / (len(completions) - index)
+        if share is not None and share <= 0:
+            value, status = 0.0, "timeout"
+        else:
+            value, status = _call_one(fn, *args, share)
+        rewards.append(value)
+        failures += status == "failure"
+        timeouts += status == "timeout"
+    return RewardOutcome(rewards=rewards, failures=failures, timeouts=timeouts)
 
 
 def safe_rewards(
@@ -192,16 +234,18 @@ def safe_rewards(
     completions: list[str],
     answers: list[str],
     rows: list[dict],
-    timeout_s: float | None = None,
+    timeout_s: float | None = DEFAULT_REWARD_TIMEOUT_S,
 ) -> RewardOutcome:
-    """Call ``fn`` on the whole batch; never raise for anything ``fn`` does.
+    """Call ``fn`` on the whole batch; never raise for anything ``fn`` does, and never take
+    longer than ``timeout_s`` (None: unbounded) in all.
 
-    If the batch call raises or passes ``timeout_s``, every completion is scored alone (each call
-    again bounded by ``timeout_s``, so the worst case is ``(n + 1) * timeout_s``) and only the
+    The batch call gets half of ``timeout_s``. If it raises or runs out of time, every completion
+    is scored alone within what is left of ``timeout_s`` (:func:`_one_by_one`) and only the
     completions that fail or time out get 0. A result of the wrong length gives every completion 0
     (no way to tell which value belongs to which completion). Non-finite values become 0; None
     stays None (the reward does not apply). Every zeroed completion is counted as a failure or a
-    timeout.
+    timeout, and so are the checks a reward reports it cut off itself (its ``timeouts`` count, as
+    :class:`~cropi_pl.rewards.math_answer.MathVerifyReward` keeps).
     """
     if timeout_s is not None and timeout_s <= 0:
         raise ValueError(f"timeout_s must be positive or None, got {timeout_s}")
@@ -211,21 +255,15 @@ def safe_rewards(
     if misaligned:
         raise ValueError(f"reward inputs must align with {n} completions, got lengths {misaligned}")
     name = reward_name(fn)
+    end = None if timeout_s is None else time.monotonic() + timeout_s
+    before = reported_timeouts(fn)
     try:
-        with deadline(timeout_s):
+        with deadline(None if timeout_s is None else timeout_s / 2):
             values = call_reward(fn, prompts, completions, answers, rows)
         values = [_value(v) for v in values]
     except (Exception, RewardTimeout) as error:
         logger.warning("reward %s failed on the batch (%r); scoring one by one", name, error)
-        scored = [
-            _call_one(fn, *args, timeout_s)
-            for args in zip(prompts, completions, answers, rows, strict=True)
-        ]
-        outcome = RewardOutcome(
-            rewards=[value for value, _ in scored],
-            failures=sum(status == "failure" for _, status in scored),
-            timeouts=sum(status == "timeout" for _, status in scored),
-        )
+        outcome = _one_by_one(fn, prompts, completions, answers, rows, end)
     else:
         if len(values) != n:
             logger.warning(
@@ -239,7 +277,7 @@ def safe_rewards(
         outcome = RewardOutcome(
             rewards=[0.0 if b else v for v, b in zip(values, bad, strict=True)],
             failures=sum(bad),
-            timeouts=0,
+            timeouts=reported_timeouts(fn) - before,
         )
     if outcome.failures or outcome.timeouts:
         logger.warning(

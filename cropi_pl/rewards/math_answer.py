@@ -59,10 +59,10 @@ def _parse_gold(gold: str) -> tuple:
 
 
 def check_answer(
-    gold: str, completion: str, timeout_s: float, max_answer_chars: int
+    gold: str, completion: str, timeout_s: float, max_answer_chars: int, boxed_first: bool = False
 ) -> tuple[float, bool]:
     """(reward, timed_out) for one completion. Bounded only when called in a main thread."""
-    predicted = extract_answer(completion)
+    predicted = extract_answer(completion, boxed_first)
     if not predicted or len(predicted) > max_answer_chars:
         return 0.0, False
     try:
@@ -80,7 +80,8 @@ def check_answer(
 class MathVerifyReward(RewardFunction):
     """1.0 when math-verify finds the completion's answer equivalent to the gold, else 0.0.
 
-    The prediction is the last ``####`` line, else the last ``\\boxed{}``, else the last number.
+    The prediction is the last ``####`` line, else the last ``\\boxed{}`` (with ``boxed_first``
+    the last ``\\boxed{}``, else the last ``####`` line), else the last number.
     ``timeouts`` counts checks cut off by the deadline since construction (they score 0).
     Call :meth:`close` to stop worker processes started for calls from non-main threads.
 
@@ -97,6 +98,7 @@ class MathVerifyReward(RewardFunction):
         max_answer_chars: int = 1000,
         workers: int = 1,
         worker_grace_s: float = 5.0,
+        boxed_first: bool = False,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
@@ -106,6 +108,7 @@ class MathVerifyReward(RewardFunction):
         self.max_answer_chars = max_answer_chars
         self.workers = workers
         self.worker_grace_s = worker_grace_s
+        self.boxed_first = boxed_first
         self.timeouts = 0
         self._pool: Pool | None = None
         self._lock = threading.Lock()
@@ -116,7 +119,7 @@ class MathVerifyReward(RewardFunction):
         if len(completions) != len(answers):
             raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
         jobs = [
-            (gold, text, self.timeout_s, self.max_answer_chars)
+            (gold, text, self.timeout_s, self.max_answer_chars, self.boxed_first)
             for gold, text in zip(answers, completions, strict=True)
         ]
         if threading.current_thread() is threading.main_thread():
@@ -127,7 +130,7 @@ class MathVerifyReward(RewardFunction):
         return [reward for reward, _ in results]
 
     def _check_in_workers(
-        self, jobs: list[tuple[str, str, float, int]]
+        self, jobs: list[tuple[str, str, float, int, bool]]
     ) -> list[tuple[float, bool]]:
         with self._lock:
             if self._pool is None:

@@ -15,7 +15,7 @@ from cropi_pl.rewards.base import RewardFunction
 
 TOLERANCE = 1e-6
 
-_BOXED = "\\boxed{"
+BOXED = "\\boxed{"
 # A number: not the tail of a word/number ("10-5" ends in 5, not -5), with an optional sign,
 # thousands groups "1,000", decimals, and an optional "/denominator"; or \frac{a}{b} of integers.
 _NUMBER = re.compile(
@@ -36,11 +36,11 @@ def after_hashes(text: str) -> str | None:
 
 def last_boxed(text: str) -> str | None:
     """The content of the last ``\\boxed{...}``, honouring nested braces; None if unbalanced."""
-    start = text.rfind(_BOXED)
+    start = text.rfind(BOXED)
     if start < 0:
         return None
     depth = 1
-    begin = start + len(_BOXED)
+    begin = start + len(BOXED)
     for i in range(begin, len(text)):
         if text[i] == "{":
             depth += 1
@@ -56,10 +56,13 @@ def _last_number_match(text: str) -> re.Match[str] | None:
     return last[0] if last else None
 
 
-def extract_answer(text: str) -> str | None:
-    """The answer a completion commits to: after the last ``####``, else the last ``\\boxed{}``,
-    else the last number in the text; None when there is none."""
-    for candidate in (after_hashes(text), last_boxed(text)):
+def extract_answer(text: str, boxed_first: bool = False) -> str | None:
+    """The answer a completion commits to: after the last ``####``, else the last ``\\boxed{}``
+    (the other way round with ``boxed_first``, for prompts that ask for ``\\boxed{}``: small
+    models also write stray ``####`` lines), else the last number in the text; None when there
+    is none."""
+    markers = (last_boxed, after_hashes) if boxed_first else (after_hashes, last_boxed)
+    for candidate in (find(text) for find in markers):
         if candidate:
             return candidate
     match = _last_number_match(text)

@@ -1,8 +1,9 @@
-"""Prompt sources: embedded synthetic arithmetic tasks and prompt files (GSM8K/MATH style)."""
+"""Prompt sources: embedded arithmetic tasks, word problems and prompt files (GSM8K/MATH style)."""
 
 from cropi_pl.tasks.arithmetic import FAMILIES, SyntheticTasks, generate_tasks
 from cropi_pl.tasks.loading import PromptFile
 from cropi_pl.tasks.source import REQUIRED_COLUMNS, PromptSource, load_source
+from cropi_pl.tasks.words import WORD_FAMILIES, WordProblems, generate_word_problems
 
 __all__ = [
     "FAMILIES",
@@ -10,6 +11,9 @@ __all__ = [
     "PromptFile",
     "PromptSource",
     "SyntheticTasks",
+    "WORD_FAMILIES",
+    "WordProblems",
     "generate_tasks",
+    "generate_word_problems",
     "load_source",
 ]

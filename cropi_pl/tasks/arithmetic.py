@@ -118,22 +118,25 @@ def _split_of(question: str) -> str:
     return next(name for name, (lo, hi) in SPLITS.items() if lo <= bucket < hi)
 
 
-def generate_tasks(
-    families: Sequence[str] = FAMILIES,
-    difficulties: Sequence[int] = DIFFICULTIES,
-    num_per_cell: int = 50,
-    split: str = "train",
-    seed: int = 0,
+def generate_problems(
+    generators: dict[str, Callable[[random.Random, int], Problem]],
+    template: str,
+    families: Sequence[str],
+    difficulties: Sequence[int],
+    num_per_cell: int,
+    split: str,
+    seed: int,
 ) -> datasets.Dataset:
-    """``num_per_cell`` distinct problems of each (family, difficulty) that fall in ``split``.
+    """``num_per_cell`` distinct problems of each (family, difficulty) of ``generators`` that fall
+    in ``split``, each prompt ``template`` formatted with the question.
 
     Cells with fewer distinct problems than asked (one-digit addition has 100) yield what exists.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
-    unknown = sorted(set(families) - set(GENERATORS))
+    unknown = sorted(set(families) - set(generators))
     if unknown:
-        raise ValueError(f"unknown task families {unknown}; known: {list(GENERATORS)}")
+        raise ValueError(f"unknown task families {unknown}; known: {list(generators)}")
     bad = sorted(set(difficulties) - set(DIFFICULTIES))
     if bad:
         raise ValueError(f"difficulties must be in {DIFFICULTIES}, got {bad}")
@@ -145,7 +148,7 @@ def generate_tasks(
             attempts = 0
             while len(seen) < num_per_cell and attempts < 50 * num_per_cell:
                 attempts += 1
-                problem = GENERATORS[family](rng, difficulty)
+                problem = generators[family](rng, difficulty)
                 if problem.question in seen or _split_of(problem.question) != split:
                     continue
                 seen.add(problem.question)
@@ -153,7 +156,7 @@ def generate_tasks(
                 rows.append(
                     {
                         "id": f"{family}-{difficulty}-{digest}",
-                        "prompt": PROMPT_TEMPLATE.format(question=problem.question),
+                        "prompt": template.format(question=problem.question),
                         "answer": str(problem.answer),
                         "family": family,
                         "difficulty": difficulty,
@@ -161,6 +164,19 @@ def generate_tasks(
                     }
                 )
     return datasets.Dataset.from_list(rows)
+
+
+def generate_tasks(
+    families: Sequence[str] = FAMILIES,
+    difficulties: Sequence[int] = DIFFICULTIES,
+    num_per_cell: int = 50,
+    split: str = "train",
+    seed: int = 0,
+) -> datasets.Dataset:
+    """The embedded arithmetic tasks (:func:`generate_problems` over this module's families)."""
+    return generate_problems(
+        GENERATORS, PROMPT_TEMPLATE, families, difficulties, num_per_cell, split, seed
+    )
 
 
 class SyntheticTasks(PromptSource):

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import datasets
 
-from cropi_pl.rewards.numeric import after_hashes, last_boxed
+from cropi_pl.rewards.numeric import BOXED, after_hashes, last_boxed
 from cropi_pl.tasks.source import REQUIRED_COLUMNS, PromptSource
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -42,12 +42,51 @@ AUTO_ORDER = ("gsm8k", "boxed", "plain")
 
 
 def extract_gold(text: str, answer_format: AnswerFormat) -> str | None:
-    """The gold answer inside a reference answer/solution text; None when there is none."""
+    """The gold answer inside a reference answer/solution text; None when there is none.
+
+    Raises for a ``\\boxed{`` that never closes (``boxed``, or ``auto`` without a ``####``):
+    falling through to the whole text would make the solution itself the gold.
+    """
     formats = AUTO_ORDER if answer_format == "auto" else (answer_format,)
     for name in formats:
         answer = ANSWER_EXTRACTORS[name](text)
         if answer:
             return answer
+        if name == "boxed" and answer is None and BOXED in text:
+            raise ValueError(f"unclosed {BOXED} (its braces never balance): {text[-200:]!r}")
+    return None
+
+
+def _json_error(path: Path, raw: bytes) -> str | None:
+    """What makes a JSON/JSON-lines file unreadable, with its 1-based line; None if readable.
+
+    Checked here because the loader reports an empty file as a bare ``StopIteration``, a bad byte
+    without file or line, and bad JSON with the line only in a log message.
+    """
+    if not raw.strip():
+        return f"{path}: empty file (no rows)"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        return f"{path} line {line}: not UTF-8 (byte {raw[error.start]:#04x}); save it as UTF-8"
+    if path.suffix == ".json":
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # not one document: read as JSON lines, as the loader does
+        if isinstance(whole, list):
+            bad = [i for i, item in enumerate(whole) if not isinstance(item, dict)]
+            return f"{path} row {bad[0] + 1}: not a JSON object" if bad else None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            return f"{path} line {number}: not JSON ({error.msg} at column {error.colno})"
+        if not isinstance(record, dict):
+            return f"{path} line {number}: not a JSON object ({type(record).__name__})"
     return None
 
 
@@ -162,8 +201,12 @@ class PromptFile(PromptSource):
             return self._head(datasets.load_dataset(self.path, split=self.split))
         # A throwaway cache: the datasets cache keys local files on path and mtime, which can
         # serve stale rows after a rewrite, and the rows are copied into memory anyway.
+        builder = FILE_BUILDERS[path.suffix]
+        if builder == "json":
+            problem = _json_error(path, path.read_bytes())
+            if problem:
+                raise ValueError(f"cannot read prompt file {problem}")
         with tempfile.TemporaryDirectory() as cache_dir:
-            builder = FILE_BUILDERS[path.suffix]
             try:
                 raw = datasets.load_dataset(
                     builder, data_files=str(path), split="train", cache_dir=cache_dir
@@ -177,7 +220,7 @@ class PromptFile(PromptSource):
         return raw.select(range(size)).to_list()
 
     def _convert(self, index: int, row: dict[str, Any], stem: str) -> dict[str, Any]:
-        where = f"{self.path} row {index}"
+        where = f"{self.path} row {index + 1}"
         fields = (self.prompt_field, self.answer_field, self.id_field, self.family_field)
         for field in (*fields, self.difficulty_field):
             if field is not None and row.get(field) is None:
@@ -189,7 +232,10 @@ class PromptFile(PromptSource):
                 f"{where}: template {self.template!r} needs {error} (row has {sorted(row)}; "
                 f"{TEMPLATE_HINT})"
             ) from None
-        answer = extract_gold(str(row[self.answer_field]), self.answer_format)
+        try:
+            answer = extract_gold(str(row[self.answer_field]), self.answer_format)
+        except ValueError as error:
+            raise ValueError(f"{where}: field {self.answer_field!r}: {error}") from None
         if answer is None:
             raise ValueError(
                 f"{where}: no {self.answer_format} answer in field {self.answer_field!r}: "

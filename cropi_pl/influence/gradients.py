@@ -1,0 +1,316 @@
+"""Per-prompt POPI gradients: three engines for the same loss (:mod:`cropi_pl.influence.popi`).
+
+* "hooks": one ordinary forward/backward of all prompts' responses as one (p*K, T) batch under the
+  SUM of the per-prompt losses (rows never interact, so each row's activation gradients are its
+  own prompt's). Module hooks capture every layer's input and output gradient and each prompt's
+  weight gradient is summed over its own rows only (``_rule``: Linear, Embedding, RMSNorm).
+* "vmap": ``torch.func.vmap`` over prompts of ``torch.func.grad`` of the per-prompt loss.
+* "loop": one ``torch.autograd.grad`` per prompt (the reference).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from cropi_pl.influence.popi import (
+    Block,
+    POPIConfig,
+    batch_loss,
+    collate,
+    gradient_mode,
+    logits_of,
+    plan_batches,
+    prompt_loss,
+    vocab_size_of,
+)
+from cropi_pl.influence.projection import SparseProjector
+from cropi_pl.influence.trajectories import PromptTrajectories
+
+Method = Literal["loop", "vmap", "hooks"]
+_METHODS = ("loop", "vmap", "hooks")
+
+
+def hooked_backward(
+    model: nn.Module, modules: dict[str, nn.Module], block: Block, config: POPIConfig
+) -> dict[str, list[tuple[Tensor, Tensor]]]:
+    """(first input, output gradient) of every call of each of ``modules`` in one forward and
+    backward of the block's (p*K, T) rows under ``batch_loss``. Parameter gradients are never
+    accumulated: autograd only differentiates down to the hooked outputs."""
+    p, k, t = block.input_ids.shape
+    inputs: dict[str, list[Tensor]] = {name: [] for name in modules}
+    outputs: dict[str, list[Tensor]] = {name: [] for name in modules}
+
+    def capture(name: str) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
+        def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+            x = args[0].detach()
+            inputs[name].append(x.float() if x.is_floating_point() else x)
+            outputs[name].append(output)
+
+        return hook
+
+    handles = [m.register_forward_hook(capture(n)) for n, m in modules.items()]
+    try:
+        logits = logits_of(model(block.input_ids.reshape(p * k, t)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    hooked = [y for name in modules for y in outputs[name]]
+    grads = torch.autograd.grad(batch_loss(logits, block, config), hooked)
+    out_grads = iter(g.float() for g in grads)  # per-prompt sums accumulate in float32
+    return {name: [(x, next(out_grads)) for x in inputs[name]] for name in modules}
+
+
+# A rule turns one call's (input, output gradient) of (p*K, T, ...) rows into per-prompt
+# gradients (p, *shape) of the module's own parameters, keyed by attribute name.
+_Rule = Callable[[nn.Module, Tensor, Tensor, int], dict[str, Tensor]]
+
+
+def _linear_rule(module: nn.Module, x: Tensor, g: Tensor, p: int) -> dict[str, Tensor]:
+    """y = x W^T + b: dW = sum over the prompt's tokens of g x^T, db = sum of g."""
+    x = x.reshape(p, -1, x.shape[-1])
+    g = g.reshape(p, -1, g.shape[-1])
+    out = {"weight": torch.bmm(g.transpose(1, 2), x)}
+    if module.bias is not None:
+        out["bias"] = g.sum(1)
+    return out
+
+
+def _embedding_rule(module: nn.Module, ids: Tensor, g: Tensor, p: int) -> dict[str, Tensor]:
+    """Row v of the table gets the sum of g over the prompt's tokens equal to v, except the
+    padding row, which ``nn.Embedding`` never updates."""
+    vocab, width = module.weight.shape
+    ids = ids.reshape(p, -1)
+    index = (ids + vocab * torch.arange(p, device=ids.device)[:, None]).reshape(-1)
+    g = g.reshape(-1, width)
+    if module.padding_idx is not None:
+        keep = ids.reshape(-1) != module.padding_idx
+        index, g = index[keep], g[keep]
+    table = g.new_zeros(p * vocab, width).index_add_(0, index, g)
+    return {"weight": table.reshape(p, vocab, width)}
+
+
+def _rms_norm_rule(module: nn.Module, x: Tensor, g: Tensor, p: int) -> dict[str, Tensor]:
+    """HF Llama-family RMSNorm, y = w * (x / rms(x)) computed in float32: dw = sum of g * x/rms."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+    return {"weight": (g * normed.to(x.dtype)).reshape(p, -1, x.shape[-1]).sum(1)}
+
+
+def _rule(module: nn.Module) -> _Rule | None:
+    """The per-prompt gradient rule of ``module``'s own parameters, None if it has none."""
+    if isinstance(module, nn.Linear):
+        return _linear_rule
+    if isinstance(module, nn.Embedding) and module.max_norm is None:
+        return None if module.scale_grad_by_freq else _embedding_rule
+    names = {name for name, _ in module.named_parameters(recurse=False)}
+    if names == {"weight"} and hasattr(module, "variance_epsilon") and module.weight.dim() == 1:
+        return _rms_norm_rule
+    return None
+
+
+class POPIGradients:
+    """Per-prompt POPI gradients of ``model``, ``prompts_per_batch`` prompts per backward pass.
+
+    The flat layout of a gradient vector is the order of ``named_parameters()`` restricted to
+    trainable parameters matching ``config.param_filter``; ``param_names``/``offsets`` describe it.
+    Gradients are returned in float32 (the backward runs in the model's dtype; log-probs and the
+    loss are always float32). Under vmap, PyTorch has no batching rule for the fused SDPA kernels
+    and loops over prompts for the attention op alone; eager attention batches fully (faster for
+    short sequences, O(T^2) memory per head), so the attention implementation is left to the caller.
+
+    ``method`` (module doc): None picks "vmap" on CUDA and "loop" elsewhere: on one CPU thread
+    the tiny policy's backward is GEMM-bound and bigger batches only add padding and cache misses,
+    so "hooks" and "vmap" were slower than the loop at every batch size (tools/bench_influence.py).
+    "hooks" sees a parameter only through its modules' forward calls: a model that uses a weight
+    functionally elsewhere needs "loop" or "vmap". A model that fails under vmap falls back to
+    "loop" with a warning.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: POPIConfig,
+        prompts_per_batch: int = 8,
+        method: Method | None = None,
+    ) -> None:
+        if prompts_per_batch < 1:
+            raise ValueError(f"prompts_per_batch must be >= 1, got {prompts_per_batch}")
+        if method is not None and method not in _METHODS:
+            raise ValueError(f"method must be one of {_METHODS} or None, got {method!r}")
+        self.model = model
+        self.config = config
+        self.prompts_per_batch = prompts_per_batch
+        pattern = re.compile(config.param_filter) if config.param_filter is not None else None
+        self._params = {
+            name: p
+            for name, p in model.named_parameters()
+            if p.requires_grad and (pattern is None or pattern.search(name))
+        }
+        if not self._params:
+            raise ValueError(
+                f"param_filter {config.param_filter!r} matches no trainable parameter of "
+                f"{type(model).__name__}"
+            )
+        self.param_names: list[str] = list(self._params)
+        self.offsets: dict[str, int] = {}
+        total = 0
+        for name, p in self._params.items():
+            self.offsets[name] = total
+            total += p.numel()
+        self.num_params: int = total
+        self._vocab_size = vocab_size_of(model)
+        if method is None:
+            method = "vmap" if self._device().type == "cuda" else "loop"
+        self._hooked, unsupported = self._hookplan_batches()
+        if method == "hooks" and unsupported:
+            raise ValueError(
+                f"method='hooks' has no per-prompt gradient rule for {unsupported[:3]}; "
+                "use method='loop' or 'vmap', or a param_filter that excludes them"
+            )
+        self.method: Method = method
+
+    def _hookplan_batches(self) -> tuple[dict[str, tuple[nn.Module, dict[str, str]]], list[str]]:
+        """Modules owning selected parameters, each with {attribute: flat-layout name} (a tied
+        weight appears under every module that owns it), and the selected parameters that some
+        owner has no rule for ("module (type)")."""
+        names = {id(p): name for name, p in self._params.items()}
+        hooked: dict[str, tuple[nn.Module, dict[str, str]]] = {}
+        unsupported: list[str] = []
+        for module_name, module in self.model.named_modules():
+            owned = {
+                attr: names[id(p)]
+                for attr, p in module.named_parameters(recurse=False, remove_duplicate=False)
+                if id(p) in names
+            }
+            if not owned:
+                continue
+            if _rule(module) is None:
+                unsupported.append(f"{module_name} ({type(module).__name__})")
+            else:
+                hooked[module_name] = (module, owned)
+        return hooked, unsupported
+
+    def compute_pieces(
+        self, trajs: Sequence[PromptTrajectories]
+    ) -> Iterator[tuple[list[int], str, int, Tensor]]:
+        """Yield (indices into trajs, parameter name, flat offset, (p, numel) float32 gradients).
+
+        Only prompts with a non-zero gradient are computed. Prompts are batched in order of
+        sequence length to limit padding, so indices are not monotone across batches. The
+        "loop" method takes one prompt per batch (it runs one backward per prompt anyway), so at
+        most ``prompts_per_batch`` (one, for "loop") full gradients exist at a time.
+        """
+        with gradient_mode(self.model, self.config):
+            size = 1 if self.method == "loop" else self.prompts_per_batch
+            for indices in plan_batches(trajs, self._vocab_size, size):
+                grads = self._batch_grads([trajs[i] for i in indices])
+                for name in self.param_names:
+                    piece = grads.pop(name).reshape(len(indices), -1).float()
+                    yield indices, name, self.offsets[name], piece
+
+    def project(
+        self, trajs: Sequence[PromptTrajectories], projector: SparseProjector
+    ) -> Iterator[tuple[list[int], Tensor]]:
+        """Yield (indices into trajs, (p, k) float32 projections), each gradient streamed into
+        ``projector`` parameter by parameter: no flat (p, num_params) gradient is assembled."""
+        if projector.num_params != self.num_params:
+            raise ValueError(
+                f"projector covers {projector.num_params} coordinates, the gradients "
+                f"{self.num_params}"
+            )
+        indices: list[int] | None = None
+        state = None
+        for batch_indices, _, offset, piece in self.compute_pieces(trajs):
+            if batch_indices is not indices:
+                if indices is not None:
+                    yield indices, projector.finish(state)
+                indices, state = batch_indices, projector.begin(len(batch_indices))
+            projector.add(state, offset, piece)
+        if indices is not None:
+            yield indices, projector.finish(state)
+
+    def compute(self, trajs: Sequence[PromptTrajectories]) -> Iterator[tuple[list[int], Tensor]]:
+        """Yield (indices into trajs, (p, num_params) float32 flat gradients) batch by batch."""
+        indices: list[int] | None = None
+        pieces: list[Tensor] = []
+        for batch_indices, _, _, piece in self.compute_pieces(trajs):
+            if indices is not None and batch_indices is not indices:
+                yield indices, torch.cat(pieces, dim=1)
+                pieces = []
+            indices = batch_indices
+            pieces.append(piece)
+        if indices is not None:
+            yield indices, torch.cat(pieces, dim=1)
+
+    def _batch_grads(self, trajs: list[PromptTrajectories]) -> dict[str, Tensor]:
+        if self.method == "hooks":
+            return self._hook_grads(trajs)
+        if self.method == "vmap":
+            try:
+                return self._vmap_grads(trajs)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as err:  # an op of this model has no vmap batching rule
+                warnings.warn(
+                    f"vmap through {type(self.model).__name__} failed ({err}); falling back to "
+                    "a per-prompt torch.autograd.grad loop",
+                    stacklevel=2,
+                )
+                self.method = "loop"
+        return self._loop_grads(trajs)
+
+    def _device(self) -> torch.device:
+        return next(iter(self._params.values())).device
+
+    def _vmap_grads(self, trajs: list[PromptTrajectories]) -> dict[str, Tensor]:
+        """All prompts of the batch in one vmapped forward/backward."""
+        params = {name: p.detach() for name, p in self._params.items()}
+        frozen = {
+            name: t.detach()
+            for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]
+            if name not in params
+        }
+
+        def loss(params: dict[str, Tensor], block: Block) -> Tensor:
+            output = functional_call(self.model, (params, frozen), (block.input_ids,))
+            return prompt_loss(logits_of(output), block, self.config)
+
+        block = collate(trajs, self._device())
+        return vmap(grad(loss), in_dims=(None, 0))(params, block)
+
+    def _hook_grads(self, trajs: list[PromptTrajectories]) -> dict[str, Tensor]:
+        """All prompts of the batch in one plain forward/backward; per-prompt sums by hooks."""
+        block = collate(trajs, self._device())
+        modules = {name: module for name, (module, _) in self._hooked.items()}
+        calls = hooked_backward(self.model, modules, block, self.config)
+        grads: dict[str, Tensor] = {}
+        for module_name, (module, owned) in self._hooked.items():
+            rule = _rule(module)
+            for x, g in calls[module_name]:
+                for attr, piece in rule(module, x, g, len(trajs)).items():
+                    if attr in owned:
+                        name = owned[attr]
+                        grads[name] = grads[name] + piece if name in grads else piece
+        for name, p in self._params.items():  # its module never ran: zero gradient
+            if name not in grads:
+                grads[name] = p.new_zeros(len(trajs), *p.shape)
+        return grads
+
+    def _loop_grads(self, trajs: list[PromptTrajectories]) -> dict[str, Tensor]:
+        """Reference path: one unpadded forward/backward per prompt through the real module."""
+        params = list(self._params.values())
+        per_prompt = []
+        for traj in trajs:
+            block = Block(*(x[0] for x in collate([traj], self._device())))
+            loss = prompt_loss(logits_of(self.model(block.input_ids)), block, self.config)
+            per_prompt.append(torch.autograd.grad(loss, params))
+        return {
+            name: torch.stack([g[j] for g in per_prompt]) for j, name in enumerate(self.param_names)
+        }
