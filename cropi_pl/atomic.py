@@ -1,13 +1,15 @@
-"""Atomic writes: a file or folder appears complete under its final name or not at all.
+"""Atomic writes (a file or folder appears complete under its final name or not at all) and
+file digests.
 
-Model folders (the converted embedded model, the HF export at the end of ``fit``), trajectory
-shards, manifests, projected gradients and benchmark results are read by other processes and
-tools; a crash or a full disk mid-write must never leave a half-written artifact that a later run
-trusts.
+Model folders (the converted embedded model, the HF export at the end of ``fit``), checkpoints,
+trajectory shards, manifests, projected gradients and benchmark results are read by other
+processes and tools; a crash or a full disk mid-write must never leave a half-written artifact
+that a later run trusts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -56,11 +58,27 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
         yield tmp
-        _finish_files(tmp)
-        _publish(tmp, target)
+        publish_directory(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def publish_directory(tmp: Path, target: Path) -> None:
+    """Make the finished folder ``tmp`` (a sibling of ``target``) become ``target``: its files
+    are fsynced, then one rename puts it in place (an old ``target`` is swapped out first).
+    For writers that fill the folder from several processes (FSDP2 checkpoint shards)."""
+    _finish_files(tmp)
+    _publish(tmp, target)
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    """The hex sha256 of a file's bytes, read in chunks (checkpoints are gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _finish_files(folder: Path) -> None:

@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from cropi_pl.checkpointing import VerifiedCheckpointIO
 from cropi_pl.curriculum.callback import CurriculumCallback
 from cropi_pl.data.datamodule import CurriculumDataModule
 from cropi_pl.grpo.module import GRPOModule
@@ -53,6 +55,9 @@ class CROPICLI(LightningCLI):
     (:class:`~cropi_pl.progress.StepProgressBar`) unless the config names its own or disables it,
     and a ``LearningRateMonitor`` logging every step's learning rate (``lr-<optimizer class>``)
     unless the config names its own or has no logger.
+    Checkpoints are written atomically with a checksum verified on load
+    (:class:`~cropi_pl.checkpointing.VerifiedCheckpointIO`, installed unless a strategy or plugin
+    brings its own checkpoint IO).
     ``--ckpt_path last`` with no last checkpoint is an error unless ``--resume_if_missing true``,
     and ``precision: 16-mixed`` on CPU is refused (Lightning would run bf16-mixed instead).
 
@@ -162,6 +167,8 @@ class CROPICLI(LightningCLI):
         if has_logger and not any(isinstance(c, LearningRateMonitor) for c in listed):
             listed.append(LearningRateMonitor(logging_interval="step"))
         trainer = self._instantiate_trainer({**config, "callbacks": listed}, keyed)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default one
+            trainer.strategy.checkpoint_io = VerifiedCheckpointIO()
         if str(config.get("precision")) in ("16", "16-mixed") and isinstance(
             trainer.accelerator, CPUAccelerator
         ):

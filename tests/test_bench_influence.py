@@ -11,10 +11,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import bench_influence as bench  # noqa: E402
 
+from cropi_pl.influence.factorised import FactorisedProjection  # noqa: E402
 from cropi_pl.influence.gradients import POPIGradients  # noqa: E402
 from cropi_pl.influence.popi import POPIConfig  # noqa: E402
+from cropi_pl.influence.projection import ProjectionConfig, SparseProjector  # noqa: E402
 from cropi_pl.influence.trajectories import PromptTrajectories  # noqa: E402
-from cropi_pl.policy.tokenizer import build_tokenizer  # noqa: E402
 from tests.models import tiny_char_llama  # noqa: E402
 
 
@@ -72,35 +73,21 @@ def test_spearman_matches_brute_force():
     assert bench.spearman(x, -x) == pytest.approx(-1.0)
 
 
-def test_influence_scores_is_cosine_with_target_mean():
+def test_bootstrap_interval_brackets_the_estimate_and_is_seeded():
     gen = _generator()
-    pool, targets = torch.randn(6, 11, generator=gen), torch.randn(4, 11, generator=gen)
-    mean = [sum(targets[r, c].item() for r in range(4)) / 4 for c in range(11)]
-    for row in range(6):
-        values = pool[row].tolist()
-        dot = sum(v * m for v, m in zip(values, mean, strict=True))
-        norms = sum(v * v for v in values) ** 0.5 * sum(m * m for m in mean) ** 0.5
-        got = bench.influence_scores(pool, targets, max_targets=100, seed=0)[row].item()
-        assert got == pytest.approx(dot / norms, abs=1e-6)
-
-
-def test_reference_projector_is_subset_then_fp16_dense_matrix():
-    gen = _generator()
-    projector = bench.ReferenceProjector(num_params=50, kept_fraction=0.3, dim=8, seed=3)
-    assert projector.index.numel() == 15 and projector.index.unique().numel() == 15
-    assert torch.equal(projector.matrix, projector.matrix.half().float())  # fp16 values
-    assert projector.matrix_bytes_fp16 == 15 * 8 * 2
-    explicit = torch.zeros(50, 8, dtype=torch.float64)
-    explicit[projector.index] = projector.matrix.double()
-    grads = torch.randn(3, 50, generator=gen) * 1e-2
-    expected = grads.half().double() @ explicit
-    got = projector.project(grads)
-    assert got.dtype == torch.float16
-    torch.testing.assert_close(got.double(), expected, rtol=2e-3, atol=1e-7)
-    half = projector.project_half_kernel(grads)
-    torch.testing.assert_close(half.double(), expected, rtol=2e-3, atol=1e-7)
-    same_seed = bench.ReferenceProjector(num_params=50, kept_fraction=0.3, dim=8, seed=3)
-    assert torch.equal(same_seed.matrix, projector.matrix)
+    exact = torch.randn(200, generator=gen).double()
+    noisy = exact + 0.3 * torch.randn(200, generator=gen).double()
+    lo, hi = bench.bootstrap_interval(bench.precision_at, noisy, exact, 200, seed=1)
+    assert 0 <= lo <= bench.precision_at(noisy, exact) <= hi <= 1 and lo < hi
+    assert (lo, hi) == bench.bootstrap_interval(bench.precision_at, noisy, exact, 200, seed=1)
+    assert bench.bootstrap_interval(bench.spearman, exact, exact, 50, seed=2) == (
+        pytest.approx(1.0),
+        pytest.approx(1.0),
+    )
+    report = bench.fidelity(noisy, exact, 50, seed=3)
+    for key in ("precision_at_5pct", "precision_at_10pct", "precision_at_20pct", "spearman"):
+        lo, hi = report[f"{key}_ci95"]
+        assert lo <= report[key] <= hi
 
 
 def test_measured_sees_allocations():
@@ -129,86 +116,74 @@ def _trajs(rng: random.Random, n: int, k: int, vocab: int) -> list[PromptTraject
     return out
 
 
-def test_gradient_passes_rows_match_per_prompt_gradients():
-    """Each stored row is its own prompt's gradient and the reference projects exactly it."""
+def test_combined_pass_matches_brute_force_per_prompt_gradients():
+    """Exact cosines, streamed projections of the full and a tail subset of the gradient, and
+    the factorised projection, all from one hooked pass, against the product's own paths."""
     rng = random.Random(random.randrange(2**31))
     model = tiny_char_llama(rng.randrange(100))
     vocab = model.config.vocab_size
-    work = bench.Workload(_trajs(rng, 11, 3, vocab), _trajs(rng, 6, 4, vocab), {})
-    config = bench.BenchConfig(prompts_per_batch=3, default_dim=8)
-    num_params = sum(p.numel() for p in model.parameters())
-    projector = bench.ReferenceProjector(num_params, 0.5, 8, seed=1)
-    passes = bench.gradient_passes(model, work, projector, config)
-    eligible = [i for i in range(11) if i % 4 != 0], [i for i in range(6) if i % 4 != 0]
-    assert (passes.pool_rows, passes.target_rows) == eligible
-    assert passes.prompts == 8 + 4
-    pool_batches, target_batches = passes.batches
-    assert sorted(j for b in pool_batches for j in b) == list(range(8))
-    assert sorted(j for b in target_batches for j in b) == list(range(8, 12))
-    assert [len(b) for b in pool_batches] == [3, 3, 2]
-    assert [len(b) for b in target_batches] == [3, 1]
-    # InfluenceScorer's projection calls: batches buffered until >= projection_batch rows, per set
-    assert passes.projection_groups(5) == [
-        pool_batches[0] + pool_batches[1], pool_batches[2], target_batches[0] + target_batches[1]
-    ]  # fmt: skip
-    assert passes.projection_groups(1) == [*pool_batches, *target_batches]
-    assert passes.projection_groups(100) == [
-        [j for b in pool_batches for j in b], [j for b in target_batches for j in b]
-    ]  # fmt: skip
+    pool, targets = _trajs(rng, 11, 3, vocab), _trajs(rng, 6, 4, vocab)
     loop = POPIGradients(model, POPIConfig(), prompts_per_batch=1, method="loop")
-    prompts = [work.pool[i] for i in eligible[0]] + [work.targets[i] for i in eligible[1]]
-    for j, traj in enumerate(prompts):
-        [(_, expected)] = loop.compute([traj])
-        torch.testing.assert_close(passes.grads[j : j + 1], expected, rtol=1e-4, atol=1e-7)
-        torch.testing.assert_close(passes.reference[j], projector.project(expected)[0])
-    pool, targets = passes.split(passes.grads)
-    assert pool.shape[0] == 8 and targets.shape[0] == 4
-    assert passes.ours.seconds > 0 and passes.reference_section.seconds > 0
+    tail = loop.param_names[-3:]
+    offset = loop.offsets[tail[0]]
+    full = SparseProjector(loop.num_params, ProjectionConfig(dim=16, kind="countsketch"))
+    part = SparseProjector(loop.num_params - offset, ProjectionConfig(dim=8, kind="countsketch"))
+    factorised = FactorisedProjection(model, POPIConfig(), 2, 3, seed=4)
+    got = bench.combined_pass(model, pool, targets, {"full": (full, 0), "tail": (part, offset)},
+                              factorised)  # fmt: skip
+
+    def flat(trajs):
+        rows = {}
+        for idx, g in loop.compute(trajs):
+            rows.update({i: g[j].double() for j, i in enumerate(idx)})
+        return torch.stack([rows[i] for i in sorted(rows)])
+
+    pool_grads, target_grads = flat(pool), flat(targets)
+    assert pool_grads.shape[0] == 8 == got.exact.numel()  # every 4th prompt has equal rewards
+    mean = target_grads.mean(0)
+    expected = pool_grads @ mean / (pool_grads.norm(dim=1) * mean.norm())
+    torch.testing.assert_close(got.exact, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got.vectors["full"].double(), full.project(pool_grads).double(),
+                               rtol=1e-4, atol=1e-6)  # fmt: skip
+    torch.testing.assert_close(
+        got.vectors["tail"].double(),
+        part.project(pool_grads[:, offset:]).double(),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    torch.testing.assert_close(
+        got.target_means["full"].double(),
+        full.project(target_grads).double().mean(0),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    rows = dict(item for idx, v in factorised.project(pool) for item in zip(idx, v, strict=True))
+    expected_f = torch.stack([rows[i] for i in sorted(rows)])
+    torch.testing.assert_close(got.vectors["factorised"], expected_f, rtol=1e-4, atol=1e-6)
 
 
 def test_tiny_end_to_end_run(tmp_path):
-    path = tmp_path / "policy"
-    tiny_char_llama(0).save_pretrained(path)
-    build_tokenizer().save_pretrained(path)
+    """The embedded and the real-model sections on a few prompts (the embedded policy stands in
+    for SmolLM2); the selection section trains, so it only runs in the real benchmark."""
     out = tmp_path / "bench.json"
     argv = [
-        "--model", str(path), "--pool-size", "28", "--target-size", "8", "--pool-samples", "4",
-        "--target-samples", "4", "--max-new-tokens", "3", "--dims", "8,32", "--fractions", "1,0.5",
-        "--default-dim", "32", "--default-fraction", "0.5", "--factorised", "2x2",
-        "--prompts-per-batch", "4", "--method-batches", "2,5",
-        "--projection-batch", "6",
-        "--threads", "1", "--fake-rewards", "--out", str(out),
+        "--sections", "embedded,smollm2", "--pool-size", "40", "--target-size", "8",
+        "--dims", "16", "--default-dim", "16", "--bootstrap", "10", "--threads", "1",
+        "--smol-model", "embedded:tiny", "--smol-pool", "24", "--smol-targets", "8",
+        "--smol-timed", "2", "--smol-dim", "16", "--reference-slice", "1000", "--out", str(out),
     ]  # fmt: skip
     assert bench.main(argv) == 0
     result = json.loads(out.read_text())
-    for key in ("precision_at_10pct", "reference_precision_at_10pct", "speedup_vs_reference"):
-        assert 0 <= result[key] <= (1 if "precision" in key else float("inf"))
-    assert result["seconds_per_prompt"] > 0
-    assert [r["setting"] for r in result["rows"]] == [
-        "k=8 kept=1", "k=8 kept=0.5", "k=32 kept=1", "k=32 kept=0.5",
-        "2x2 x 8 linears", "k=32 kept=0.1",
-    ]  # fmt: skip
-    default = result["rows"][3]
-    assert result["precision_at_10pct"] == default["precision_at_10pct"]
-    assert result["speedup_vs_reference"] == pytest.approx(
-        result["reference_seconds_per_prompt"] / default["seconds_per_prompt"]
-    )
-    assert result["scorer_check"]["relative_difference"] <= 1e-4
-    methods = result["gradient_methods"]
-    assert list(methods) == ["loop", "hooks x2", "hooks x5", "vmap x2", "vmap x5"]
-    assert result["gradient_method"] == "loop"  # the CPU default: the product path is the loop
-    assert methods["loop"]["max_relative_difference"] == 0
-    for timing in methods.values():
-        assert timing["max_relative_difference"] < 1e-5 and timing["seconds_per_prompt"] > 0
-    precise = [r for r in result["rows"][:-1] if r["precision_at_10pct"] >= 0.9]
-    fastest = result["fastest_meeting_precision_target"]
-    if precise:
-        assert fastest["seconds_per_prompt"] == min(r["seconds_per_prompt"] for r in precise)
-    else:
-        assert fastest is None
-    assert result["workload"]["pool_prompts"] == 28
-    assert result["workload"]["timed_prompts"] == (
-        result["workload"]["eligible_pool_prompts"] + result["workload"]["eligible_target_prompts"]
-    )
-    with pytest.raises(SystemExit):
-        bench.main(["--fractions", "0"])
+    assert result["eligible_prompts"] == result["embedded"]["eligible_prompts"] > 0
+    assert 0 <= result["precision_at_10pct"] <= 1 and result["gemm_fraction_of_peak"] > 0
+    names = [r["name"] for r in result["embedded"]["rows"]]
+    assert names[0] == "countsketch k=16" and any(n.startswith("factorised") for n in names)
+    smol = result["smollm2"]
+    assert set(smol["rows"]) == {"reference", "default", "subset", "factorised"}
+    for name in ("default", "subset", "factorised"):  # the timed path gives the scored vectors
+        assert smol["rows"][name]["max_rel_diff_vs_combined_pass"] < 1e-4
+    assert smol["speedup_vs_reference"] > 0
+    assert "| embedded: countsketch k=16 |" in result["table"]
+    config = bench.BenchConfig(sections=(), dims=(16,), default_dim=16)
+    again = bench.run(config, result)  # --update: sections not run now are kept
+    assert again["smollm2"] == smol and again["embedded"] == result["embedded"]

@@ -14,7 +14,6 @@ import pytest
 
 from cropi_pl.tasks import FAMILIES, PromptFile, SyntheticTasks, generate_tasks, load_source
 from cropi_pl.tasks.loading import extract_gold
-from tests.cli_utils import CLIRun
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
@@ -162,24 +161,24 @@ def test_load_source_validation(tmp_path: Path) -> None:
     assert len(synthetic) == 5
 
 
-def export(*args: str) -> CLIRun:
-    """``tools/export_tasks.py args`` run in this process."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+def export(*args: str) -> tuple[int, str]:
+    """``tools/export_tasks.py args`` in this process: (exit status, stderr)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
         try:
             code = export_tasks.main(list(args))
         except SystemExit as exit_:  # argparse's error exit
             code = exit_.code
-    return CLIRun(code, out.getvalue(), err.getvalue())
+    return code, err.getvalue()
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
 def test_export_round_trip(tmp_path: Path, suffix: str) -> None:
     out = tmp_path / "nested" / f"train{suffix}"
-    done = export(
+    code, stderr = export(
         "--split", "train", "--num-per-cell", "6", "--families", "add", "mul", "--out", str(out)
     )
-    assert done.returncode == 0, done.stderr
+    assert code == 0, stderr
     assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no temp file left behind
     expected = generate_tasks(["add", "mul"], num_per_cell=6, split="train")
     loaded = load_source(
@@ -201,8 +200,8 @@ def test_export_round_trip(tmp_path: Path, suffix: str) -> None:
 
 
 def test_export_rejects_bad_output(tmp_path: Path) -> None:
-    done = export("--out", str(tmp_path / "tasks.csv"))
-    assert done.returncode != 0 and "--out must end in" in done.stderr
+    code, stderr = export("--out", str(tmp_path / "tasks.csv"))
+    assert code != 0 and "--out must end in" in stderr
     assert not (tmp_path / "tasks.csv").exists()
 
 

@@ -72,7 +72,7 @@ def test_countsketch_has_one_signed_bucket_per_kept_coordinate() -> None:
 
 
 def test_gaussian_entries_have_variance_one_over_k() -> None:
-    cfg = ProjectionConfig(dim=64, seed=5, block_size=300, chunk_rows=50)
+    cfg = ProjectionConfig(dim=64, seed=5, block_size=300, chunk_rows=50, kind="gaussian")
     values = SparseProjector(2000, cfg).explicit_matrix() * math.sqrt(cfg.dim)
     # 128k standard-normal draws: mean and variance within ~6 standard errors.
     assert abs(values.mean().item()) < 0.02

@@ -42,7 +42,7 @@ def test_config_parses_with_the_papers_settings(monkeypatch, model: str, method:
     hub_name, _ = MODELS[model]
     trainer, module, data = config.trainer, config.model.init_args, config.data.init_args
     strategy = trainer.strategy
-    assert strategy.class_path == "lightning.pytorch.strategies.ModelParallelStrategy"
+    assert strategy.class_path == "cropi_pl.checkpointing.VerifiedModelParallelStrategy"
     assert strategy.init_args.data_parallel_size == trainer.devices * trainer.num_nodes == 8
     assert trainer.precision == "bf16-mixed" and trainer.accelerator == "gpu"
     assert module.model == hub_name

@@ -419,3 +419,31 @@ def test_resume_with_other_shard_size_drops_old_layout(tmp_path: Path) -> None:
         collect(tmp_path / "resumed", rows, FakePolicy(fail_after=4), shard_size=2)
     collect(tmp_path / "resumed", rows, shard_size=4)
     assert shard_bytes(tmp_path / "resumed") == shard_bytes(tmp_path / "full")
+
+
+@pytest.mark.parametrize("damage", ["delete", "flip"])
+def test_damaged_shard_of_a_complete_cache_is_recollected_alone(tmp_path: Path, damage) -> None:
+    rows = make_rows(9)
+    collect(tmp_path, rows)
+    original = shard_bytes(tmp_path)
+    manifest = TrajectoryCache(tmp_path).manifest()
+    shard = TrajectoryCache(tmp_path).path("pool") / "shard-00001.parquet"
+    if damage == "delete":
+        shard.unlink()
+    else:
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    cache = TrajectoryCache(tmp_path)
+    assert cache.damaged_shards("pool") == ["shard-00001.parquet"]
+    with pytest.raises(TrajectoryCacheError, match="tools/collect_trajectories.py"):
+        cache.load("pool")
+    policy = FakePolicy()
+    repaired = cache.collect(
+        "pool", rows, policy.collector(), SETTINGS, MODEL_FP, DATA_FP, progress=False
+    )
+    assert repaired == {"shard-00001.parquet": True}  # the same bytes as the original
+    assert policy.sampled_ids == rows["id"][3:6]  # that shard's rows, nothing else
+    assert shard_bytes(tmp_path) == original
+    assert cache.manifest() == manifest
+    assert cache.damaged_shards("pool") == []

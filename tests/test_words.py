@@ -81,8 +81,8 @@ def test_unknown_family_is_refused() -> None:
 def test_gsm8k_export_reads_back_as_the_generator_rows(tmp_path: Path) -> None:
     out = tmp_path / "words.jsonl"
     args = ["--tasks", "words", "--gsm8k", "--difficulties", "1", "2", "--num-per-cell", "4"]
-    done = export(*args, "--families", "mul", "div", "--out", str(out))
-    assert done.returncode == 0, done.stderr
+    code, err = export(*args, "--families", "mul", "div", "--out", str(out))
+    assert code == 0, err
     loaded = load_source(
         PromptFile(str(out), answer_format="gsm8k", id_field="id", family_field="family")
     )
@@ -90,5 +90,5 @@ def test_gsm8k_export_reads_back_as_the_generator_rows(tmp_path: Path) -> None:
     for column in ("id", "prompt", "answer", "family", "difficulty"):
         assert loaded[column] == expected[column], column
     assert loaded["question"] == expected["prompt"]  # extra columns are kept
-    bad = export("--tasks", "words", "--families", "mod", "--out", str(tmp_path / "x.jsonl"))
-    assert bad.returncode != 0 and "unknown words families ['mod']" in bad.stderr
+    code, err = export("--tasks", "words", "--families", "mod", "--out", str(tmp_path / "x.jsonl"))
+    assert code != 0 and "unknown words families ['mod']" in err

@@ -9,7 +9,10 @@ first push for vLLM; the first call, compilation included, apart), generated tok
 (median over rounds and the min-max range), and for vLLM the largest |log-prob difference|
 between the engine's sampled-token log-probs and the policy's teacher-forced ones after the push.
 ``vllm_speedup_vs_hf`` is the compiled vLLM engine's tokens/s over HF's (the project's default,
-per-row seeded) in the same rounds; ``speedup_vs_hf`` gives it for every engine.
+per-row seeded) in the same rounds; ``speedup_vs_hf`` gives it for every engine. ``hf_unshared``
+is ``hf`` prefilling every completion's copy of its prompt (``share_prompt_cache=False``), the
+engine before each prompt was prefilled once for its completions. The HF engines alone run in any
+environment (``--engines hf hf_unshared``).
 
 Runs where vLLM is installed (on CPU: the environment ``tools/vllm_venv.sh`` builds). Each model's
 entry records its own workload and machine load, and a run replaces only the entries of the models
@@ -45,7 +48,7 @@ from cropi_pl.grpo.rollout import pack, token_logps  # noqa: E402
 from cropi_pl.policy.build import resolve_model_path  # noqa: E402
 from cropi_pl.tasks.arithmetic import generate_tasks  # noqa: E402
 
-ENGINES = ("hf", "hf_plain", "vllm_eager", "vllm_compiled")
+ENGINES = ("hf", "hf_unshared", "hf_plain", "vllm_eager", "vllm_compiled")
 MODELS = ("embedded:tiny", "embedded:smollm2-135m-instruct")
 PARITY_ROWS = 16  # completions teacher-forced per round for the log-prob check
 
@@ -76,8 +79,10 @@ def encode_prompts(tokenizer: Any, count: int, seed: int) -> list[list[int]]:
 
 
 def make_engine(name: str, config: BenchConfig, max_model_len: int) -> GenerationEngine:
-    if name in ("hf", "hf_plain"):
-        return HFGenerateEngine(reproducible=name == "hf")
+    if name.startswith("hf"):
+        return HFGenerateEngine(
+            reproducible=name != "hf_plain", share_prompt_cache=name != "hf_unshared"
+        )
     return VLLMEngine(
         enforce_eager=name == "vllm_eager",
         max_model_len=max_model_len,
@@ -234,11 +239,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["OMP_NUM_THREADS"] = str(config.threads)
     torch.set_num_threads(config.threads)  # before vLLM, which forbids changing it afterwards
     results = {}
+    packages = ("transformers", "vllm")[
+        : 2 if any(e.startswith("vllm") for e in args.engines) else 1
+    ]
     for model in args.models:
         load_before = os.getloadavg()
         results[model] = bench_model(model, config, tuple(args.engines))
         results[model]["note"] = args.note
-        results[model]["machine"] = machine_info(config.threads, "transformers", "vllm") | {
+        results[model]["machine"] = machine_info(config.threads, *packages) | {
             "load_average_1m_before_after": [load_before[0], os.getloadavg()[0]]
         }
     print(format_table(results))

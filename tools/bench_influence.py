@@ -1,54 +1,44 @@
-"""Benchmark the influence pass: exact vs projected POPI scores, and a reference-style loop.
+"""Benchmark the influence pass: fidelity against exact POPI scores, cost, and the selection pass.
 
-Setup (not timed): a pool of arithmetic training prompts and a target set (mul + mod validation
-prompts) are sampled from the policy through the product's trajectory cache (K = 8 pool / 16 target
-responses at temperature 0.5, exact-number rewards). Prompts whose K rewards are all equal have a
-zero POPI gradient and are excluded from every ranking. Then, on the same prompts:
+Workloads (sampled once through the product's trajectory cache; ``--cache-dir`` reuses them):
 
-* exact: the cosine of each pool prompt's full, unprojected POPI gradient with the mean full
-  gradient of the target prompts (float32 gradients, float64 reductions, the product's
-  ``target_mean``/``cosine_scores``);
-* ours: the product path, ``POPIGradients`` (its default method on this device, batches of
-  ``--prompts-per-batch``) then ``SparseProjector`` (``--projection-batch`` gradients per call),
-  over a sweep of JL dims k and kept fractions; and ``FactorisedProjection`` (LoGra-style, the
-  gradient is never formed) for a few (k_in, k_out);
-* reference: what the authors' code does: one ``torch.autograd.grad`` per prompt through the same
-  POPI loss, the full flat gradient, a uniformly random coordinate subset, a dense Gaussian matrix
-  generated once and stored in fp16, and an fp16 projection to the same k as ours.
-* gradient methods: the per-prompt gradient time of each ``POPIGradients`` method ("loop", and
-  "hooks" and "vmap" at each of ``--method-batches`` prompts per backward) over the same prompts,
-  with each one's largest relative difference from the product path's gradients.
+* embedded: the embedded policy (``embedded:tiny``) on a pool of ``--pool-size`` arithmetic
+  training prompts (K = 8 responses, T = 0.5) and a mul+mod validation target set (K = 16).
+* smollm2: SmolLM2-135M-Instruct (``embedded:smollm2-135m-instruct``, a real pretrained model) on
+  GSM8K-style word and arithmetic questions in its chat format: pool of ``--smol-pool`` easy
+  train prompts, word-problem validation targets. K and the completion budget are small so that
+  a whole run fits about 30 minutes of a shared 2-core CPU (see ``BenchConfig``).
 
-Scores are compared by precision@10% (overlap of the projected top 10% with the exact top 10%, the
-paper's metric) and Spearman correlation over the eligible pool prompts.
+Exact scores: the cosine of each eligible pool prompt's full, unprojected float32 POPI gradient
+with the mean full gradient of the eligible target prompts (float64 reductions). Gradients are
+streamed parameter by parameter: the target mean is one d-vector, and each pool gradient is
+reduced to its dot product with it and its norm, so no (prompts x d) matrix is ever held.
 
-Timing. Reference: wall time of its per-prompt loop over every eligible pool and target prompt. Ours
-(sparse rows): ``t_grad + t_proj`` per prompt, where ``t_grad`` is the wall time of the product's
-gradient pass over the same prompts (it alternates with the reference loop batch by batch, so drifts
-in machine load hit both alike) and ``t_proj`` that of projecting them with the calls the product
-makes (``InfluenceScorer`` buffers ``--projection-batch`` gradients per call because each call
-regenerates the random matrix). The default setting also runs end to end through
-``InfluenceScorer.project`` over the pool (``scorer_check``), which must give the same vectors in
-about the same time. Factorised rows are timed end to end over every eligible prompt. On a shared
-machine pass ``--threads 1``: with more threads than free cores, OpenMP barriers make the many small
-ops of a tiny model several times slower (8x measured for sampling), which swamps what is being
-compared.
+Embedded section. Every cost option of ``InfluenceScorer`` runs end to end over the pool and the
+targets (timed, peak RSS) and is compared with the exact scores by precision at 5/10/20%
+(overlap of the top sets) and Spearman, with bootstrap 95% intervals over pool prompts:
+CountSketch and Gaussian projections at several k, a parameter subset (the last layer, the final
+norm and the head), fewer responses per prompt, bf16 autocast, the "hooks" method and the
+factorised (LoGra-style) path. The default is the fastest option that keeps precision@10% >= 0.9.
+Roofline: the machine's fp32 matmul throughput (square GEMMs, same thread count) against the
+achieved FLOP/s of the default influence pass, counting 6 * (non-embedding parameters) FLOPs per
+token (forward 2, backward 4) plus the head's share. Selection pass: the default pass over the
+``configs/cropi_tiny.yaml`` pool and targets (all K stored responses) divided by the time of one
+GRPO training step at that config's batch (``tools/bench_grpo.py``'s runner).
 
-fp16 on the CPU. A CPU has no fp16 arithmetic: torch's half GEMM converts to fp32, accumulates in
-fp32 and rounds the result to fp16, tens of times slower than fp32 GEMM. The reference is therefore
-run as fp32 GEMM on fp16-rounded operands with the output rounded to fp16, which is the same
-arithmetic at fp32 GEMM speed (the matrix holds fp16 values in an fp32 buffer); this favours the
-reference. The literal half kernel is timed on two prompts and reported in the reference row as
-``half_kernel_seconds_per_prompt`` (with its deviation from the emulation).
+SmolLM2 section. One forward/backward per eligible prompt through hooks (``hooked_backward``)
+yields, from the same captured layer inputs and output gradients, the exact full gradient
+(exact scores), our default CountSketch projection of it, and the factorised projection, so the
+precision of each is measured on every eligible prompt at the cost of one pass. Seconds per
+prompt are timed separately, end to end through ``InfluenceScorer.project`` on
+``--smol-timed`` prompts for our default and the factorised path. Reference (the authors' / TRAK
+style): the same per-prompt full gradient plus a dense Gaussian projection to the same k, run in
+fp32 on the CPU (fp16 GEMM on a CPU is emulated and far slower); its projection cost is linear in
+d, so it is timed on a ``--reference-slice`` of the gradient and extrapolated to d (reported as
+such); its gradient time is our loop's. Its matrix (d x k) cannot be held on this machine
+(bytes reported); its precision is not measured.
 
-Memory. Peak resident memory of each timed section above its starting RSS, from Linux's VmHWM after
-resetting it through /proc/self/clear_refs (torch allocations are invisible to tracemalloc); freed
-memory is returned with ``malloc_trim`` first. Approximate (allocator caching), and null where /proc
-cannot be used. Sparse rows report the larger of the gradient pass's and the batch projection's
-peak; the reference adds its resident fp16 matrix. Bytes stored per prompt: k * 4 (float32) for
-ours, k * 2 (fp16, as TRAK stores) for the reference.
-
-    python tools/bench_influence.py --out results/bench_influence.json
+    python tools/bench_influence.py --out results/bench_influence.json --cache-dir /tmp/bench_cache
 """
 
 from __future__ import annotations
@@ -59,30 +49,44 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import bench_grpo
 import torch
 from benchlib import machine_info
 from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from cropi_pl.atomic import atomic_file
+from cropi_pl.generation.hf import HFGenerateEngine
+from cropi_pl.influence.cache import TrajectoryCache
+from cropi_pl.influence.collector import Collector, SamplingSettings
 from cropi_pl.influence.factorised import FactorisedProjection
-from cropi_pl.influence.gradients import POPIGradients
-from cropi_pl.influence.popi import POPIConfig
+from cropi_pl.influence.fingerprints import fingerprint_model, fingerprint_rows
+from cropi_pl.influence.gradients import POPIGradients, hooked_backward
+from cropi_pl.influence.popi import POPIConfig, collate, gradient_mode
 from cropi_pl.influence.projection import ProjectionConfig, SparseProjector
 from cropi_pl.influence.scorer import InfluenceScorer
-from cropi_pl.influence.selection import cosine_scores, selection_size, target_mean
+from cropi_pl.influence.selection import selection_size
 from cropi_pl.influence.trajectories import PromptTrajectories, zero_mask
+from cropi_pl.policy.build import resolve_model_path
+from cropi_pl.policy.prompting import PromptEncoder
+from cropi_pl.rewards.numeric import ExactNumberReward
+from cropi_pl.tasks.arithmetic import generate_tasks
 
 PRECISION_TARGET = 0.90
 SPEEDUP_TARGET = 5.0
-TOP_FRACTION = 0.1
+GEMM_TARGET = 0.60
+STEP_TARGET = 3.0
+FRACTIONS = (0.05, 0.10, 0.20)
 
 
 @dataclass(frozen=True)
@@ -90,25 +94,33 @@ class BenchConfig:
     """The workload; every field is a command-line flag."""
 
     model: str = "embedded:tiny"
-    pool_size: int = 300
+    pool_size: int = 1200
     target_size: int = 60
     pool_samples: int = 8
     target_samples: int = 16
     temperature: float = 0.5
     max_new_tokens: int = 48
     dims: tuple[int, ...] = (512, 2048, 8192)
-    fractions: tuple[float, ...] = (1.0, 0.1, 0.01)
-    default_dim: int = 2048  # configs/cropi_tiny.yaml
-    default_fraction: float = 0.1  # configs/cropi_tiny.yaml
-    factorised: tuple[str, ...] = ("8x8", "16x16", "32x32")
-    reference_fraction: float = 0.1
-    prompts_per_batch: int = 8  # CurriculumCallback's defaults
-    method_batches: tuple[int, ...] = (8, 16, 32)
-    projection_batch: int = 128
-    max_target_prompts: int = 100
+    default_dim: int = 2048
+    subset_filter: str = r"layers\.(\d+)\.mlp|norm\.weight|lm_head"  # overwritten per model
+    fewer_responses: int = 4
+    smol_model: str = "embedded:smollm2-135m-instruct"
+    smol_pool: int = 200
+    smol_targets: int = 16
+    smol_samples: int = 4
+    smol_target_samples: int = 8
+    smol_temperature: float = 0.7
+    smol_max_new_tokens: int = 16
+    smol_dim: int = 8192
+    smol_timed: int = 6
+    reference_slice: int = 1 << 21
+    bootstrap: int = 1000
+    train_steps: int = 4
     threads: int = 2
     seed: int = 0
-    fake_rewards: bool = False
+    smol_max_eligible: int = 100
+    sections: tuple[str, ...] = ("embedded", "selection", "smollm2")
+    update: bool = False
     cache_dir: str | None = None
 
 
@@ -119,7 +131,7 @@ def top_set(scores: Tensor, n: int) -> set[int]:
     return set(order[:n].tolist())
 
 
-def precision_at(scores: Tensor, exact: Tensor, fraction: float = TOP_FRACTION) -> float:
+def precision_at(scores: Tensor, exact: Tensor, fraction: float = 0.1) -> float:
     """|top(scores) & top(exact)| / |top(exact)|, top = ``selection_size(n, fraction)`` prompts."""
     if scores.shape != exact.shape or scores.dim() != 1:
         raise ValueError(f"precision_at: shapes {tuple(scores.shape)} and {tuple(exact.shape)}")
@@ -150,10 +162,38 @@ def spearman(a: Tensor, b: Tensor) -> float:
     return (ra @ rb).item() / denominator if denominator > 0 else float("nan")
 
 
-def influence_scores(pool: Tensor, targets: Tensor, max_targets: int, seed: int) -> Tensor:
-    """The product's scoring of vectors (gradients or projections): cosine with the target mean."""
-    mean = target_mean(targets, torch.ones(targets.shape[0], dtype=torch.bool), max_targets, seed)
-    return cosine_scores(pool, mean).double()
+def bootstrap_interval(
+    metric: Callable[[Tensor, Tensor], float],
+    scores: Tensor,
+    exact: Tensor,
+    draws: int,
+    seed: int,
+) -> tuple[float, float]:
+    """Percentile 95% interval of ``metric`` over pool prompts resampled with replacement (the
+    top sets are recomputed on each resample, so ties from repeated prompts count as in a pool)."""
+    gen = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(draws):
+        index = torch.randint(0, exact.numel(), (exact.numel(),), generator=gen)
+        values.append(metric(scores[index], exact[index]))
+    values.sort()
+    return values[int(0.025 * (draws - 1))], values[math.ceil(0.975 * (draws - 1))]
+
+
+def fidelity(scores: Tensor, exact: Tensor, draws: int, seed: int) -> dict[str, Any]:
+    """Precision at 5/10/20% and Spearman against exact scores, each with its 95% interval."""
+    out: dict[str, Any] = {}
+    for fraction in FRACTIONS:
+        key = f"precision_at_{round(100 * fraction)}pct"
+
+        def metric(a: Tensor, b: Tensor, fraction: float = fraction) -> float:
+            return precision_at(a, b, fraction)
+
+        out[key] = precision_at(scores, exact, fraction)
+        out[f"{key}_ci95"] = bootstrap_interval(metric, scores, exact, draws, seed)
+    out["spearman"] = spearman(scores, exact)
+    out["spearman_ci95"] = bootstrap_interval(spearman, scores, exact, draws, seed)
+    return out
 
 
 # ---------------------------------------------------------------------------------- memory
@@ -201,586 +241,637 @@ def measured() -> Iterator[Section]:
 class Workload:
     pool: list[PromptTrajectories]
     targets: list[PromptTrajectories]
-    pass_rates: dict[str, float]  # pool prompt id -> fraction of its K samples rewarded
 
 
-def _rows(config: BenchConfig, split: str, size: int, families: Sequence[str] | None) -> Any:
+def load_model(name: str) -> tuple[nn.Module, Any]:
+    path = resolve_model_path(name)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
+def _rows(
+    families: Sequence[str], difficulties: Sequence[int], split: str, size: int, seed: int
+) -> Any:
     """``size`` seeded-random distinct prompts spread evenly over the generator's cells."""
-    from cropi_pl.tasks.arithmetic import FAMILIES, generate_tasks
-
-    families = tuple(families or FAMILIES)
-    per_cell = math.ceil(size / (4 * len(families)))
-    tasks = generate_tasks(families, num_per_cell=per_cell, split=split, seed=config.seed)
+    per_cell = math.ceil(size / (len(difficulties) * len(families)))
+    tasks = generate_tasks(families, difficulties, num_per_cell=per_cell, split=split, seed=seed)
     if len(tasks) < size:
         raise ValueError(f"only {len(tasks)} distinct {split} prompts exist, asked for {size}")
-    chosen = sorted(random.Random(config.seed).sample(range(len(tasks)), size))
-    return tasks.select(chosen)
+    return tasks.select(sorted(random.Random(seed).sample(range(len(tasks)), size)))
 
 
-def _fake(trajs: list[PromptTrajectories], seed: int) -> list[PromptTrajectories]:
-    """Debug only: seeded random 0/1 rewards, so a random policy still has non-zero gradients."""
-    rng = random.Random(seed)
-    return [replace(t, rewards=[float(rng.random() < 0.5) for _ in t.rewards]) for t in trajs]
-
-
-def make_workload(model: nn.Module, tokenizer: Any, config: BenchConfig) -> Workload:
-    """Sample pool and target trajectories through the product's cache (reused if it matches)."""
-    from cropi_pl.generation.hf import HFGenerateEngine
-    from cropi_pl.influence.cache import TrajectoryCache
-    from cropi_pl.influence.collector import Collector, SamplingSettings
-    from cropi_pl.influence.fingerprints import fingerprint_model, fingerprint_rows
-    from cropi_pl.policy.prompting import PromptEncoder
-    from cropi_pl.rewards.numeric import ExactNumberReward
-
-    encoder = PromptEncoder(tokenizer)  # the product's default prompt format ("auto")
-    splits = {
-        "pool": (_rows(config, "train", config.pool_size, None), config.pool_samples),
-        "target": (
-            _rows(config, "validation", config.target_size, ("mul", "mod")),
-            config.target_samples,
-        ),
-    }
+def collect(
+    model: nn.Module,
+    tokenizer: Any,
+    splits: dict[str, tuple[Any, int]],
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+    cache_dir: str | None,
+) -> dict[str, list[PromptTrajectories]]:
+    """Sample each split's rows (K responses each) through the product's cache."""
+    encoder = PromptEncoder(tokenizer)  # the product's default prompt format (chat if any)
+    out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        cache = TrajectoryCache(config.cache_dir or tmp)
+        cache = TrajectoryCache(cache_dir or tmp)
         model_fp = fingerprint_model(model)
-        loaded: dict[str, tuple[list[str], list[PromptTrajectories]]] = {}
         for split, (rows, k) in splits.items():
             settings = SamplingSettings(
-                k,
-                config.temperature,
-                1.0,
-                config.max_new_tokens,
-                config.seed,
-                encoder.fingerprint(),
+                k, temperature, 1.0, max_new_tokens, seed, encoder.fingerprint()
             )
             collector = Collector.for_model(
                 model, encoder, HFGenerateEngine(), ExactNumberReward(), settings
             )
-            cache.collect(
-                split, rows, collector, settings, model_fp, fingerprint_rows(rows), rebuild=True
-            )
-            loaded[split] = cache.to_trajectories(split)
-        rates = cache.pass_rates("pool")
-    pool, targets = loaded["pool"][1], loaded["target"][1]
-    if config.fake_rewards:
-        pool, targets = _fake(pool, config.seed), _fake(targets, config.seed + 1)
-    return Workload(pool, targets, rates)
+            data_fp = fingerprint_rows(rows)
+            cache.collect(split, rows, collector, settings, model_fp, data_fp, rebuild=True)
+            out[split] = cache.to_trajectories(split)[1]
+    return out
 
 
-# ---------------------------------------------------------------------------------- passes
-class ReferenceProjector:
-    """The authors' TRAK-style projection: a uniformly random coordinate subset and a dense
-    Gaussian matrix generated once and stored in fp16; fp16 inputs and output (module doc)."""
+def embedded_workload(model: nn.Module, tokenizer: Any, config: BenchConfig) -> Workload:
+    families = ("add", "sub", "mul", "expr", "word", "cmp", "mod")
+    got = collect(
+        model,
+        tokenizer,
+        {
+            "pool": (
+                _rows(families, (1, 2, 3, 4), "train", config.pool_size, config.seed),
+                config.pool_samples,
+            ),
+            "target": (
+                _rows(("mul", "mod"), (1, 2, 3, 4), "validation", config.target_size, config.seed),
+                config.target_samples,
+            ),
+        },
+        config.temperature,
+        config.max_new_tokens,
+        config.seed,
+        None if config.cache_dir is None else str(Path(config.cache_dir) / "embedded"),
+    )
+    return Workload(got["pool"], got["target"])
 
-    def __init__(self, num_params: int, kept_fraction: float, dim: int, seed: int) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        kept = max(1, round(kept_fraction * num_params))
-        self.index = torch.randperm(num_params, generator=gen)[:kept].sort().values
-        self.matrix = torch.randn(kept, dim, generator=gen).div_(math.sqrt(dim))
-        self.matrix.copy_(self.matrix.half())  # fp16 values, fp32 buffer for the CPU GEMM
-        self.matrix_bytes_fp16 = self.matrix.numel() * 2
 
-    def project(self, flat: Tensor) -> Tensor:
-        """(P, d) -> (P, k) fp16: fp16-rounded inputs, fp32 accumulation, fp16 output."""
-        return (flat[:, self.index].half().float() @ self.matrix).half()
+def smol_workload(model: nn.Module, tokenizer: Any, config: BenchConfig) -> Workload:
+    """GSM8K-style questions SmolLM2-135M sometimes solves (one-step word problems and sums)."""
+    got = collect(
+        model,
+        tokenizer,
+        {
+            "pool": (
+                _rows(("word", "add", "sub"), (1, 2), "train", config.smol_pool, config.seed),
+                config.smol_samples,
+            ),
+            "target": (
+                _rows(("word",), (1, 2), "validation", config.smol_targets, config.seed),
+                config.smol_target_samples,
+            ),
+        },
+        config.smol_temperature,
+        config.smol_max_new_tokens,
+        config.seed,
+        None if config.cache_dir is None else str(Path(config.cache_dir) / "smollm2"),
+    )
+    return Workload(got["pool"], got["target"])
 
-    def project_half_kernel(self, flat: Tensor) -> Tensor:
-        """The same through torch's literal half GEMM (slow on CPUs)."""
-        return flat[:, self.index].half() @ self.matrix.half()
+
+# ---------------------------------------------------------------------------------- exact pass
+def eligible(trajs: Sequence[PromptTrajectories]) -> list[int]:
+    """Indices of the prompts with mixed rewards (non-zero POPI gradient)."""
+    return [i for i, z in enumerate(zero_mask(trajs)) if not z]
 
 
 @dataclass
-class Passes:
-    """Full gradients (ours) and reference projections of the eligible prompts: rows are the
-    eligible pool prompts, then the eligible target prompts."""
+class Combined:
+    """What one hooked forward/backward per eligible prompt gives (``combined_pass``)."""
 
-    pool_rows: list[int]  # indices into the pool
-    target_rows: list[int]  # indices into the target set
-    grads: Tensor  # (P + T, d) float32
-    reference: Tensor  # (P + T, k) fp16
-    batches: tuple[list[list[int]], ...]  # per set (pool, targets): product batches as rows
-    ours: Section
-    reference_section: Section
-
-    @property
-    def prompts(self) -> int:
-        return self.grads.shape[0]
-
-    def projection_groups(self, projection_batch: int) -> list[list[int]]:
-        """The rows of each projection call ``InfluenceScorer`` makes: per set, its gradient
-        batches in order are buffered until ``projection_batch`` rows, and the rest at the end."""
-        groups = []
-        for batches in self.batches:
-            pending: list[int] = []
-            for batch in batches:
-                pending += batch
-                if len(pending) >= projection_batch:
-                    groups.append(pending)
-                    pending = []
-            if pending:
-                groups.append(pending)
-        return groups
-
-    def split(self, values: Tensor) -> tuple[Tensor, Tensor]:
-        """(pool rows, target rows) of a per-prompt tensor."""
-        return values[: len(self.pool_rows)], values[len(self.pool_rows) :]
+    exact: Tensor  # (n,) float64 cosine of each eligible pool prompt's gradient with the target's
+    vectors: dict[str, Tensor]  # name -> (n, dim) projections of the same pool gradients
+    target_means: dict[str, Tensor]  # name -> (dim,) mean projection of the target gradients
+    seconds_per_prompt: float  # the hooked forward/backward and gradient assembly alone
 
 
-def _length(traj: PromptTrajectories) -> int:
-    return len(traj.prompt_ids) + max(map(len, traj.completion_ids))
+def combined_pass(
+    model: nn.Module,
+    pool: Sequence[PromptTrajectories],
+    targets: Sequence[PromptTrajectories],
+    projectors: dict[str, tuple[SparseProjector, int]],
+    factorised: FactorisedProjection | None = None,
+) -> Combined:
+    """Exact cosines of the eligible pool prompts and, from the very same per-prompt gradients,
+    each projector's vectors (a projector covers the flat layout from its offset on, e.g. a
+    parameter subset at the end) and the factorised projection, one prompt at a time.
+    Memory: the target mean gradient (one d-vector) plus one prompt's gradient."""
+    grads = POPIGradients(model, POPIConfig(), 1, "hooks")
+    modules = {**grads.hooked_modules, **(factorised.layers if factorised else {})}
+    device = next(model.parameters()).device
+    seconds, count = 0.0, 0
+
+    def passes(
+        trajs: Sequence[PromptTrajectories],
+    ) -> Iterator[tuple[dict[str, Tensor], dict[str, Tensor]]]:
+        nonlocal seconds, count
+        with gradient_mode(model, grads.config):
+            for i in eligible(trajs):
+                start = time.perf_counter()
+                calls = hooked_backward(model, modules, collate([trajs[i]], device), grads.config)
+                flat = {k: v[0].reshape(-1) for k, v in grads.grads_from_calls(calls, 1).items()}
+                seconds += time.perf_counter() - start
+                count += 1
+                vectors = {}
+                for name, (projector, offset) in projectors.items():
+                    state = projector.begin(1)
+                    for param in grads.param_names:
+                        at = grads.offsets[param]
+                        if at >= offset:
+                            projector.add(state, at - offset, flat[param][None])
+                    vectors[name] = projector.finish(state)[0]
+                if factorised is not None:
+                    vectors["factorised"] = factorised.project_calls(calls, 1)[0]
+                yield flat, vectors
+
+    mean: dict[str, Tensor] = {}
+    target_sums: dict[str, Tensor] = {}
+    n_targets = 0
+    for flat, vectors in passes(targets):
+        for k, v in flat.items():
+            mean[k] = mean[k] + v if k in mean else v.clone()
+        for k, v in vectors.items():
+            target_sums[k] = target_sums[k] + v.double() if k in target_sums else v.double()
+        n_targets += 1
+    if n_targets == 0:
+        raise ValueError("no target prompt has mixed rewards: the target gradient is zero")
+    for k in mean:
+        mean[k] /= n_targets
+    mean_norm = math.sqrt(sum(v.double().square().sum().item() for v in mean.values()))
+    exact, pool_vectors = [], {}
+    for flat, vectors in passes(pool):
+        dot = sum((flat[k].double() @ mean[k].double()).item() for k in mean)
+        norm = math.sqrt(sum(v.double().square().sum().item() for v in flat.values()))
+        exact.append(dot / (norm * mean_norm))
+        for k, v in vectors.items():
+            pool_vectors.setdefault(k, []).append(v)
+    return Combined(
+        torch.tensor(exact, dtype=torch.float64),
+        {k: torch.stack(v) for k, v in pool_vectors.items()},
+        {k: (v / n_targets).float() for k, v in target_sums.items()},
+        seconds / max(count, 1),
+    )
 
 
-def _max_known(*values: int | None) -> int | None:
-    known = [v for v in values if v is not None]
-    return max(known) if known else None
+def cosines(vectors: Tensor, target: Tensor) -> Tensor:
+    """Cosine of each row with ``target`` in float64 (the product's ``cosine_scores``)."""
+    vectors, target = vectors.double(), target.double()
+    return (vectors @ target) / (vectors.norm(dim=1) * target.norm()).clamp_min(1e-300)
 
 
-def _eligible(trajs: list[PromptTrajectories], name: str) -> list[int]:
-    rows = [i for i, zero in enumerate(zero_mask(trajs)) if not zero]
-    if not rows:
-        raise ValueError(
-            f"every {name} prompt has all-equal rewards (zero POPI gradient); the policy solves "
-            "too few or too many prompts: use a larger --pool-size/--target-size or another --model"
+# ---------------------------------------------------------------------------------- options
+@dataclass
+class Row:
+    """One way of scoring: cost and fidelity against exact scores."""
+
+    name: str
+    seconds_per_prompt: float
+    peak_bytes: int | None
+    bytes_per_prompt: int
+    fidelity: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def scorer_row(
+    name: str,
+    scorer: InfluenceScorer,
+    model: nn.Module,
+    work: Workload,
+    exact: Tensor,
+    config: BenchConfig,
+) -> Row:
+    """``scorer`` end to end over the pool and the targets, timed, against exact scores."""
+    with measured() as section:
+        result = scorer.score(model, work.pool, {"target": work.targets}, progress=False)
+    rows = eligible(work.pool)
+    scores = result.scores["target"][rows].double()
+    prompts = len(rows) + len(eligible(work.targets))
+    return Row(
+        name,
+        section.seconds / prompts,
+        section.peak_bytes,
+        4 * result.pool_vectors.shape[1],
+        fidelity(scores, exact, config.bootstrap, config.seed),
+        {"seconds": section.seconds, "dim": result.pool_vectors.shape[1]},
+    )
+
+
+def linear_layers(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def last_layer_filter(model: nn.Module) -> str:
+    """Parameters of the last decoder layer, the final norm and the head: the backward of a
+    parameter subset stops at the last layer."""
+    layers = [name for name, _ in model.named_parameters() if ".layers." in name]
+    last = max(int(name.split(".layers.")[1].split(".")[0]) for name in layers)
+    return rf"\.layers\.{last}\.|\.norm\.weight$|lm_head"
+
+
+def factorised_side(model: nn.Module, dim: int, pattern: str | None = None) -> int:
+    """k_in = k_out such that the factorised dimension is about ``dim``."""
+    count = sum(1 for name in linear_layers(model) if pattern is None or re.search(pattern, name))
+    return max(1, round(math.sqrt(dim / count)))
+
+
+def embedded_rows(
+    model: nn.Module, work: Workload, exact: Tensor, config: BenchConfig
+) -> list[Row]:
+    """Every cost option of the scorer on the embedded policy."""
+    k = config.default_dim
+    sketch = ProjectionConfig(dim=k, kind="countsketch", seed=config.seed)
+    side = factorised_side(model, k)
+    options: dict[str, InfluenceScorer] = {}
+    for dim in config.dims:
+        options[f"countsketch k={dim}"] = InfluenceScorer(
+            projection=replace(sketch, dim=dim), method="loop"
+        )
+    options[f"gaussian k={k} kept=0.1 (previous default)"] = InfluenceScorer(
+        projection=ProjectionConfig(dim=k, kept_fraction=0.1, seed=config.seed), method="loop"
+    )
+    options[f"countsketch k={k}, last layer + head"] = InfluenceScorer(
+        POPIConfig(param_filter=last_layer_filter(model)), sketch, method="loop"
+    )
+    options[f"countsketch k={k}, K'={config.fewer_responses}"] = InfluenceScorer(
+        projection=sketch, method="loop", responses_per_prompt=config.fewer_responses
+    )
+    options[f"countsketch k={k}, bf16 autocast"] = InfluenceScorer(
+        POPIConfig(autocast_bf16=True), sketch, method="loop"
+    )
+    options[f"countsketch k={k}, hooks (8 prompts/backward)"] = InfluenceScorer(
+        projection=sketch, method="hooks"
+    )
+    options[f"factorised {side}x{side} per linear layer"] = InfluenceScorer(
+        projection=sketch, factorised=(side, side)
+    )
+    rows = []
+    for name, scorer in options.items():
+        rows.append(scorer_row(name, scorer, model, work, exact, config))
+        print(
+            f"  {name}: {rows[-1].seconds_per_prompt:.4f} s/prompt, "
+            f"p@10 {rows[-1].fidelity['precision_at_10pct']:.3f}",
+            flush=True,
         )
     return rows
 
 
-def gradient_passes(
-    model: nn.Module, work: Workload, projector: ReferenceProjector, config: BenchConfig
-) -> Passes:
-    """Full gradients the product's way (vmapped batches of B prompts of similar length, one set
-    at a time) and the reference (one ``autograd.grad`` per prompt, then its projection).
+# ---------------------------------------------------------------------------------- roofline
+def gemm_peak(threads: int, size: int = 1024, repeats: int = 10) -> float:
+    """Best fp32 FLOP/s of square matmuls (the machine's attainable GEMM throughput)."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
 
-    The two alternate batch by batch, so drifts in machine load affect both alike; one batch of
-    each runs first, untimed, to exclude one-time costs."""
-    pool_rows, target_rows = _eligible(work.pool, "pool"), _eligible(work.targets, "target")
-    prompts = [work.pool[i] for i in pool_rows] + [work.targets[i] for i in target_rows]
-    ours = POPIGradients(model, POPIConfig(), config.prompts_per_batch)  # the product default
-    loop = POPIGradients(model, POPIConfig(), prompts_per_batch=1, method="loop")
-    grads = torch.zeros(len(prompts), ours.num_params)  # pages touched now, not while timed
-    reference = torch.zeros(len(prompts), projector.matrix.shape[1], dtype=torch.float16)
-    step = config.prompts_per_batch
-    batches = tuple(
-        [order[s : s + step] for s in range(0, len(order), step)]
-        for order in (
-            sorted(rows, key=lambda j: _length(prompts[j]))  # as POPIGradients batches them
-            for rows in (range(len(pool_rows)), range(len(pool_rows), len(prompts)))
-        )
+
+def pass_flops(model: nn.Module, trajs: Sequence[PromptTrajectories]) -> float:
+    """Forward (2) + backward (4) FLOPs per token and linear weight, over the eligible prompts'
+    padded (K, T) blocks as the loop computes them (attention scores are left out)."""
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    tokens = 0
+    for i in eligible(trajs):
+        t = trajs[i]
+        tokens += len(t.completion_ids) * (len(t.prompt_ids) + max(map(len, t.completion_ids)))
+    return 6.0 * weights * tokens
+
+
+# ---------------------------------------------------------------------------------- sections
+def embedded_section(config: BenchConfig) -> dict[str, Any]:
+    """Fidelity of every option on a large pool, the roofline and the selection pass."""
+    model, tokenizer = load_model(config.model)
+    work = embedded_workload(model, tokenizer, config)
+    with measured() as exact_section:
+        combined = combined_pass(model, work.pool, work.targets, {})
+    rows = embedded_rows(model, work, combined.exact, config)
+    fast = [r for r in rows if r.fidelity["precision_at_10pct"] >= PRECISION_TARGET]
+    default = (
+        min(fast, key=lambda r: r.seconds_per_prompt)
+        if fast
+        else max(rows, key=lambda r: r.fidelity["precision_at_10pct"])
     )
-
-    def run_ours(batch: list[int]) -> None:
-        for inner, flat in ours.compute([prompts[j] for j in batch]):
-            grads[[batch[i] for i in inner]] = flat
-
-    def run_reference(batch: list[int]) -> None:
-        for j in batch:
-            for _, flat in loop.compute([prompts[j]]):
-                reference[j] = projector.project(flat)[0]
-
-    run_ours(batches[0][0])
-    run_reference(batches[0][0])
-    sections = (Section(peak_bytes=None), Section(peak_bytes=None))
-    steps = list(zip((run_ours, run_reference), sections, strict=True))
-    for b, batch in enumerate(batches[0] + batches[1]):
-        for run_step, total in steps if b % 2 == 0 else steps[::-1]:
-            with measured() as part:
-                run_step(batch)
-            total.seconds += part.seconds
-            total.peak_bytes = _max_known(total.peak_bytes, part.peak_bytes)
-    return Passes(pool_rows, target_rows, grads, reference, batches, *sections)
-
-
-def reference_checks(projector: ReferenceProjector, grads: Tensor) -> dict[str, float]:
-    """fp16 underflow of the kept gradient coordinates, and the literal half GEMM on 2 prompts."""
-    kept = grads[:, projector.index]
-    nonzero = kept != 0
-    underflow = (nonzero & (kept.half() == 0)).sum().item() / max(1, nonzero.sum().item())
-    sample = grads[:2]
-    start = time.perf_counter()
-    literal = projector.project_half_kernel(sample)
-    seconds = (time.perf_counter() - start) / sample.shape[0]
-    emulated = projector.project(sample).double()
+    sketch_row = next(r for r in rows if r.name == f"countsketch k={config.default_dim}")
+    peak = gemm_peak(config.threads)
+    flops = pass_flops(model, work.pool) + pass_flops(model, work.targets)
+    achieved = flops / sketch_row.extra["seconds"]
     return {
-        "kept_gradient_underflow_fraction_fp16": underflow,
-        "half_kernel_seconds_per_prompt": seconds,
-        "half_kernel_relative_difference": (
-            (literal.double() - emulated).norm() / emulated.norm()
-        ).item(),
+        "model": config.model,
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "pool_prompts": len(work.pool),
+        "eligible_prompts": len(eligible(work.pool)),
+        "target_prompts": len(work.targets),
+        "eligible_targets": len(eligible(work.targets)),
+        "exact_seconds": exact_section.seconds,
+        "rows": [asdict(r) for r in rows],
+        "fastest_at_precision_target": default.name if fast else None,
+        "most_precise": max(rows, key=lambda r: r.fidelity["precision_at_10pct"]).name,
+        "roofline": {
+            "gemm_peak_flops": peak,
+            "influence_pass_flops": flops,
+            "influence_pass_seconds": sketch_row.extra["seconds"],
+            "achieved_flops": achieved,
+            "fraction_of_peak": achieved / peak,
+            "counted": "6 FLOPs per token and linear weight (forward 2, backward 4), padded "
+            "(K, T) blocks of the eligible pool and target prompts, countsketch k=default "
+            "row (loop method), attention scores not counted",
+        },
     }
 
 
-def gradient_methods(
-    model: nn.Module, work: Workload, passes: Passes, config: BenchConfig
-) -> dict[str, dict[str, float]]:
-    """Seconds per prompt of each ``POPIGradients`` method over the eligible prompts (one warm-up
-    batch untimed), and its largest relative difference from the product path's gradients."""
-    pool, targets = passes.pool_rows, passes.target_rows
-    prompts = [work.pool[i] for i in pool] + [work.targets[i] for i in targets]
-    runs = [("loop", config.prompts_per_batch)] + [
-        (method, b) for method in ("hooks", "vmap") for b in config.method_batches
-    ]
-    out = {}
-    for method, batch in runs:
-        grads = POPIGradients(model, POPIConfig(), batch, method)
-        list(grads.compute(prompts[:batch]))
-        worst = 0.0
-        with measured() as section:
-            for rows, flat in grads.compute(prompts):
-                expected = passes.grads[rows]
-                diff = (flat - expected).norm(dim=1) / expected.norm(dim=1)
-                worst = max(worst, diff.max().item())
-        out[method if method == "loop" else f"{method} x{batch}"] = {
-            "seconds_per_prompt": section.seconds / len(prompts),
-            "max_relative_difference": worst,
-            "peak_bytes": section.peak_bytes,
-        }
+def selection_section(config: BenchConfig, scorer: InfluenceScorer) -> dict[str, Any]:
+    """The default pass on configs/cropi_tiny.yaml's pool and targets in training steps."""
+    model, tokenizer = load_model(config.model)
+    splits = {
+        "pool": (generate_tasks(num_per_cell=16, split="train"), 8),
+        "target/mul": (generate_tasks(("mul",), num_per_cell=10, split="validation"), 16),
+        "target/mod": (generate_tasks(("mod",), num_per_cell=10, split="validation"), 16),
+    }
+    got = collect(
+        model,
+        tokenizer,
+        splits,
+        0.5,
+        56,
+        config.seed,
+        None if config.cache_dir is None else str(Path(config.cache_dir) / "cropi_tiny"),
+    )
+    targets = {name: got[f"target/{name}"] for name in ("mul", "mod")}
+    with measured() as section:
+        result = scorer.score(model, got["pool"], targets, progress=False)
+    rows = eligible(got["pool"])
+    agreement = {}
+    for name, trajs in targets.items():
+        exact = combined_pass(model, got["pool"], trajs, {}).exact
+        agreement[name] = precision_at(result.scores[name][rows].double(), exact)
+    out: dict[str, Any] = {
+        "pool_prompts": len(got["pool"]),
+        "eligible_prompts": len(rows),
+        "pass_seconds": section.seconds,
+        "agreement_precision_at_10pct": agreement,
+    }
+    if config.train_steps > 0:
+        step_config = bench_grpo.BenchConfig(
+            prompts_per_step=16,
+            num_generations=8,
+            max_completion_length=56,
+            lr=5e-5,
+            steps=config.train_steps,
+            warmup=1,
+            threads=config.threads,
+            seed=config.seed,
+        )
+        records = bench_grpo.run_ours(step_config, reproducible=True)
+        step_s = bench_grpo.summarize([records], 1)["step_s"]
+        out["train_step_seconds"] = step_s
+        out["step_equivalents"] = section.seconds / step_s
     return out
 
 
-# ---------------------------------------------------------------------------------- rows
-@dataclass
-class Row:
-    """One line of the table."""
-
-    method: str
-    setting: str
-    dim: int
-    precision_at_10pct: float
-    spearman: float
-    seconds_per_prompt: float
-    peak_bytes: int | None
-    bytes_per_prompt: int
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def speedup(self, reference_seconds: float) -> float:
-        return reference_seconds / self.seconds_per_prompt
-
-
-def sparse_row(
-    passes: Passes, exact: Tensor, dim: int, fraction: float, config: BenchConfig
-) -> tuple[Row, Tensor]:
-    """The product's SparseProjector at (dim, fraction), called on the same row groups as
-    ``InfluenceScorer`` (gather of the buffered gradients included), every call timed."""
-    projector = SparseProjector(
-        passes.grads.shape[1],
-        ProjectionConfig(dim=dim, kept_fraction=fraction, seed=config.seed),
+def smollm2_section(config: BenchConfig) -> dict[str, Any]:
+    """Reference vs our default vs the factorised path (and a parameter subset) at one k."""
+    model, tokenizer = load_model(config.smol_model)
+    work = smol_workload(model, tokenizer, config)
+    k = config.smol_dim
+    sketch = ProjectionConfig(dim=k, kind="countsketch", seed=config.seed)
+    full = POPIGradients(model, POPIConfig(), 1, "loop")
+    layers = sorted(
+        {int(n.split(".layers.")[1].split(".")[0]) for n in full.param_names if ".layers." in n}
     )
-    vectors = torch.zeros(passes.prompts, dim)
-    projection = Section(peak_bytes=None)
-    groups = passes.projection_groups(config.projection_batch)
-    for group in groups:
-        with measured() as part:
-            vectors[group] = projector.project(passes.grads[group])
-        projection.seconds += part.seconds
-        projection.peak_bytes = _max_known(projection.peak_bytes, part.peak_bytes)
-    scores = influence_scores(*passes.split(vectors), config.max_target_prompts, config.seed)
-    t_grad = passes.ours.seconds / passes.prompts
-    row = Row(
-        method="ours: POPIGradients + SparseProjector",
-        setting=f"k={dim} kept={fraction:g}",
-        dim=dim,
-        precision_at_10pct=precision_at(scores, exact),
-        spearman=spearman(scores, exact),
-        seconds_per_prompt=t_grad + projection.seconds / passes.prompts,
-        peak_bytes=_max_known(passes.ours.peak_bytes, projection.peak_bytes),
-        bytes_per_prompt=dim * 4,
-        extra={
-            "kept_fraction": fraction,
-            "kept_coordinates": projector.num_kept,
-            "gradient_seconds_per_prompt": t_grad,
-            "projection_seconds_per_prompt": projection.seconds / passes.prompts,
-            "projection_calls": len(groups),
-            "projection_peak_bytes": projection.peak_bytes,
+    subset_filter = rf"\.layers\.({'|'.join(map(str, layers[-4:]))})\.|\.norm\.weight$"
+    subset = POPIGradients(model, POPIConfig(param_filter=subset_filter), 1, "loop")
+    offset = full.offsets[subset.param_names[0]]
+    if full.param_names[-len(subset.param_names) :] != subset.param_names:
+        raise ValueError(f"{subset_filter} is not a tail of the parameter layout")
+    side = factorised_side(model, k)
+    factorised = FactorisedProjection(model, POPIConfig(), side, side, seed=config.seed)
+    projectors = {
+        "default": (SparseProjector(full.num_params, sketch), 0),
+        "subset": (SparseProjector(subset.num_params, sketch), offset),
+    }
+    print(
+        f"smollm2: {len(eligible(work.pool))} eligible of {len(work.pool)} pool prompts, "
+        f"{len(eligible(work.targets))} of {len(work.targets)} targets",
+        flush=True,
+    )
+    with measured() as exact_section:
+        pool = [work.pool[i] for i in eligible(work.pool)[: config.smol_max_eligible]]
+        combined = combined_pass(model, pool, work.targets, projectors, factorised)
+    precision = {
+        name: fidelity(
+            cosines(v, combined.target_means[name]), combined.exact, config.bootstrap, config.seed
+        )
+        for name, v in combined.vectors.items()
+    }
+    timed = pool[: config.smol_timed]
+    engines = {
+        "default": InfluenceScorer(projection=sketch, method="loop"),
+        "subset": InfluenceScorer(POPIConfig(param_filter=subset_filter), sketch, method="loop"),
+        "factorised": InfluenceScorer(projection=sketch, factorised=(side, side)),
+    }
+    timing = {}
+    for name, scorer in engines.items():
+        with measured() as section:
+            vectors, _ = scorer.project(model, timed, progress=False)
+        expected = combined.vectors[name][: len(timed)]
+        timing[name] = {
+            "seconds_per_prompt": section.seconds / len(timed),
+            "peak_bytes": section.peak_bytes,
+            "bytes_per_prompt": 4 * vectors.shape[1],
+            "dim": vectors.shape[1],
+            "max_rel_diff_vs_combined_pass": (
+                (vectors.double() - expected.double()).norm(dim=1) / expected.double().norm(dim=1)
+            )
+            .max()
+            .item(),
+        }
+    with measured() as grad_section:
+        for _ in full.compute_pieces(timed):
+            pass
+    reference = reference_projection(full.num_params, k, config)
+    t_ref = grad_section.seconds / len(timed) + reference["projection_seconds_per_prompt"]
+    rows = {
+        "reference": {
+            "seconds_per_prompt": t_ref,
+            "gradient_seconds_per_prompt": grad_section.seconds / len(timed),
+            "peak_bytes": grad_section.peak_bytes,
+            "matrix_bytes_fp16": 2 * full.num_params * k,
+            "bytes_per_prompt": 2 * k,
+            "precision_at_10pct": None,
+            **reference,
         },
-    )
-    return row, vectors
-
-
-def scorer_check(
-    model: nn.Module, work: Workload, passes: Passes, vectors: Tensor, config: BenchConfig
-) -> dict[str, Any]:
-    """The default setting end to end through ``InfluenceScorer.project`` over the whole pool:
-    its vectors must equal the sweep's, and its time per prompt must be close to the sweep's."""
-    scorer = InfluenceScorer(
-        POPIConfig(),
-        ProjectionConfig(
-            dim=config.default_dim, kept_fraction=config.default_fraction, seed=config.seed
-        ),
-        config.prompts_per_batch,
-        config.max_target_prompts,
-        config.seed,
-    )
-    with measured() as section:
-        got, nonzero = scorer.project(model, work.pool, progress=False)
-    expected = passes.split(vectors)[0].double()
-    rel = ((got[passes.pool_rows].double() - expected).norm() / expected.norm()).item()
-    if nonzero.nonzero().flatten().tolist() != passes.pool_rows or rel > 1e-4:
-        raise RuntimeError(f"InfluenceScorer disagrees with the sweep vectors (rel diff {rel:.2e})")
+        **{
+            name: {**timing[name], **precision[name]}
+            for name in ("default", "subset", "factorised")
+        },
+    }
+    default = rows["default"]
     return {
-        "prompts": len(passes.pool_rows),
-        "seconds_per_prompt": section.seconds / len(passes.pool_rows),
-        "peak_bytes": section.peak_bytes,
-        "relative_difference": rel,
+        "model": config.smol_model,
+        "num_params": full.num_params,
+        "k": k,
+        "factorised_side": side,
+        "subset_filter": subset_filter,
+        "pool_prompts": len(work.pool),
+        "eligible_prompts": len(eligible(work.pool)),
+        "scored_eligible_prompts": len(pool),
+        "target_prompts": len(work.targets),
+        "eligible_targets": len(eligible(work.targets)),
+        "timed_prompts": len(timed),
+        "combined_pass_seconds": exact_section.seconds,
+        "combined_pass_seconds_per_prompt": combined.seconds_per_prompt,
+        "rows": rows,
+        "precision_at_10pct": default["precision_at_10pct"],
+        "precision_at_10pct_ci95": default["precision_at_10pct_ci95"],
+        "speedup_vs_reference": t_ref / default["seconds_per_prompt"],
+        "factorised_speedup_vs_reference": t_ref / rows["factorised"]["seconds_per_prompt"],
+        "subset_speedup_vs_reference": t_ref / rows["subset"]["seconds_per_prompt"],
     }
 
 
-def factorised_row(
-    model: nn.Module,
-    work: Workload,
-    passes: Passes,
-    exact: Tensor,
-    shape: str,
-    config: BenchConfig,
-) -> Row:
-    """LoGra-style projection of every nn.Linear weight gradient, timed end to end."""
-    k_in, k_out = (int(x) for x in shape.split("x"))
-    projection = FactorisedProjection(
-        model, POPIConfig(), k_in, k_out, config.seed, prompts_per_batch=config.prompts_per_batch
-    )
-    sets = [
-        [trajs[i] for i in rows]
-        for trajs, rows in ((work.pool, passes.pool_rows), (work.targets, passes.target_rows))
-    ]
-    list(projection.project(sets[0][: config.prompts_per_batch]))  # warm-up, untimed
-    outputs = [torch.zeros(len(trajs), projection.dim) for trajs in sets]
-    with measured() as section:
-        for trajs, out in zip(sets, outputs, strict=True):
-            for batch, vectors in projection.project(trajs):
-                out[batch] = vectors
-    scores = influence_scores(outputs[0], outputs[1], config.max_target_prompts, config.seed)
-    return Row(
-        method="ours: FactorisedProjection",
-        setting=f"{shape} x {len(projection.layer_names)} linears",
-        dim=projection.dim,
-        precision_at_10pct=precision_at(scores, exact),
-        spearman=spearman(scores, exact),
-        seconds_per_prompt=section.seconds / passes.prompts,
-        peak_bytes=section.peak_bytes,
-        bytes_per_prompt=projection.dim * 4,
-        extra={"k_in": k_in, "k_out": k_out, "layers": len(projection.layer_names)},
-    )
-
-
-def reference_row(
-    passes: Passes, projector: ReferenceProjector, exact: Tensor, config: BenchConfig
-) -> Row:
-    """The reference loop's scores; its peak memory includes its resident fp16 matrix."""
-    scores = influence_scores(
-        *passes.split(passes.reference.float()), config.max_target_prompts, config.seed
-    )
-    peak = passes.reference_section.peak_bytes
-    return Row(
-        method="reference: loop + dense fp16",
-        setting=f"k={config.default_dim} kept={config.reference_fraction:g}",
-        dim=config.default_dim,
-        precision_at_10pct=precision_at(scores, exact),
-        spearman=spearman(scores, exact),
-        seconds_per_prompt=passes.reference_section.seconds / passes.prompts,
-        peak_bytes=None if peak is None else peak + projector.matrix_bytes_fp16,
-        bytes_per_prompt=config.default_dim * 2,
-        extra={
-            "kept_coordinates": projector.index.numel(),
-            "matrix_bytes_fp16": projector.matrix_bytes_fp16,
-            **reference_checks(projector, passes.grads),
-        },
-    )
+def reference_projection(d: int, k: int, config: BenchConfig) -> dict[str, Any]:
+    """Dense Gaussian projection of full gradients to k in fp32, 16 gradients per GEMM (TRAK's
+    batching), timed on ``reference_slice`` coordinates and extrapolated linearly to d."""
+    width = min(config.reference_slice, d)
+    gen = torch.Generator().manual_seed(config.seed)
+    matrix = torch.randn(width, k, generator=gen)  # stored, as TRAK's; generation not timed
+    grads = torch.randn(16, width, generator=gen)
+    best = math.inf
+    for _ in range(3):
+        start = time.perf_counter()
+        torch.mm(grads, matrix)
+        best = min(best, time.perf_counter() - start)
+    return {
+        "projection_seconds_per_prompt": best / 16 * d / width,
+        "projection_timed_on_coordinates": width,
+        "projection_extrapolated_to": d,
+    }
 
 
 # ---------------------------------------------------------------------------------- report
-def format_table(rows: list[Row], reference_seconds: float) -> str:
-    header = (
-        f"{'method':<40}{'setting':<30}{'P@10%':>7}{'spearman':>10}{'s/prompt':>10}"
-        f"{'speedup':>9}{'peak MB':>9}{'bytes':>8}"
-    )
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        peak = "n/a" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.0f}"
-        lines.append(
-            f"{r.method:<40}{r.setting:<30}{r.precision_at_10pct:>7.3f}{r.spearman:>10.3f}"
-            f"{r.seconds_per_prompt:>10.4f}{r.speedup(reference_seconds):>9.2f}{peak:>9}"
-            f"{r.bytes_per_prompt:>8}"
+def format_table(result: dict[str, Any]) -> str:
+    lines = [
+        "| setting | s/prompt | peak MB | bytes/prompt | p@5% | p@10% [95% CI] | p@20% | "
+        "Spearman |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def line(name: str, r: dict[str, Any]) -> str:
+        peak = "-" if r.get("peak_bytes") is None else f"{r['peak_bytes'] / 2**20:.0f}"
+        f = r.get("fidelity", r)
+        if f.get("precision_at_10pct") is None:
+            return (
+                f"| {name} | {r['seconds_per_prompt']:.3f} | {peak} | {r['bytes_per_prompt']} "
+                "| - | - | - | - |"
+            )
+        lo, hi = f["precision_at_10pct_ci95"]
+        return (
+            f"| {name} | {r['seconds_per_prompt']:.3f} | {peak} | {r['bytes_per_prompt']} | "
+            f"{f['precision_at_5pct']:.2f} | {f['precision_at_10pct']:.2f} [{lo:.2f}, {hi:.2f}] | "
+            f"{f['precision_at_20pct']:.2f} | {f['spearman']:.3f} |"
         )
+
+    if "embedded" in result:
+        for r in result["embedded"]["rows"]:
+            lines.append(line(f"embedded: {r['name']}", r))
+    if "smollm2" in result:
+        for name, r in result["smollm2"]["rows"].items():
+            lines.append(line(f"SmolLM2-135M: {name}", r))
     return "\n".join(lines)
 
 
-@contextmanager
-def phase(phases: dict[str, float], name: str) -> Iterator[None]:
-    """Announce a phase and record its wall time (the whole-run budget is 10 minutes)."""
-    print(f"[bench] {name}", flush=True)
-    start = time.perf_counter()
-    yield
-    phases[name] = time.perf_counter() - start
-
-
-def run(config: BenchConfig) -> dict[str, Any]:
-    """The whole benchmark; returns the JSON document."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from cropi_pl.policy.build import resolve_model_path
-
+def run(config: BenchConfig, previous: dict[str, Any]) -> dict[str, Any]:
+    """The chosen sections; sections not run are kept from ``previous`` (``--update``)."""
     torch.set_num_threads(config.threads)
-    wall = time.perf_counter()
-    machine = machine_info(config.threads, "transformers")
-    path = resolve_model_path(config.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    phases: dict[str, float] = {}
-    with phase(phases, "sampling trajectories"):
-        work = make_workload(model, tokenizer, config)
-    num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    torch.manual_seed(config.seed)
     start = time.perf_counter()
-    projector = ReferenceProjector(
-        num_params, config.reference_fraction, config.default_dim, config.seed
+    result = {k: v for k, v in previous.items() if k in SECTIONS}
+    result.update(config=asdict(config), machine=machine_info(config.threads))
+    unknown = set(config.sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    default = InfluenceScorer(
+        projection=ProjectionConfig(dim=config.default_dim, kind="countsketch", seed=config.seed),
+        method="loop",
     )
-    matrix_seconds = time.perf_counter() - start
-    with phase(phases, "full POPI gradients (ours) and the reference loop, interleaved"):
-        passes = gradient_passes(model, work, projector, config)
-    exact = influence_scores(*passes.split(passes.grads), config.max_target_prompts, config.seed)
-    with phase(phases, "gradient methods"):
-        methods = gradient_methods(model, work, passes, config)
-    for name, timing in methods.items():
-        print(f"{name:<12}{timing['seconds_per_prompt']:.4f} s/prompt", flush=True)
-    rows: list[Row] = []
-    default_vectors = None
-    settings = [(d, f) for d in config.dims for f in config.fractions]
-    if (config.default_dim, config.default_fraction) not in settings:
-        settings.append((config.default_dim, config.default_fraction))
-    for dim, fraction in settings:
-        with phase(phases, f"sparse projection k={dim} kept={fraction:g}"):
-            row, vectors = sparse_row(passes, exact, dim, fraction, config)
-        rows.append(row)
-        if (dim, fraction) == (config.default_dim, config.default_fraction):
-            default, default_vectors = row, vectors
-    with phase(phases, "InfluenceScorer end to end over the pool"):
-        check = scorer_check(model, work, passes, default_vectors, config)
-    for shape in config.factorised:
-        with phase(phases, f"factorised projection {shape}"):
-            rows.append(factorised_row(model, work, passes, exact, shape, config))
-    reference = reference_row(passes, projector, exact, config)
-    reference.extra["matrix_setup_seconds"] = matrix_seconds
-    rows.append(reference)
-    ref_s = reference.seconds_per_prompt
-    meeting = [
-        r.setting
-        for r in rows
-        if r is not reference
-        and r.precision_at_10pct >= PRECISION_TARGET
-        and r.speedup(ref_s) >= SPEEDUP_TARGET
-    ]
-    precise = [r for r in rows if r is not reference and r.precision_at_10pct >= PRECISION_TARGET]
-    fastest = min(precise, key=lambda r: r.seconds_per_prompt) if precise else None
-    table = format_table(rows, ref_s)
-    print(table)
-    eligible = len(passes.pool_rows)
-    rates = list(work.pass_rates.values())
-    return {
-        "precision_at_10pct": default.precision_at_10pct,
-        "reference_precision_at_10pct": reference.precision_at_10pct,
-        "speedup_vs_reference": default.speedup(ref_s),
-        "seconds_per_prompt": default.seconds_per_prompt,
-        "reference_seconds_per_prompt": ref_s,
-        "default_setting": {"dim": config.default_dim, "kept_fraction": config.default_fraction},
-        "targets": {"precision_at_10pct": PRECISION_TARGET, "speedup_vs_reference": SPEEDUP_TARGET},
-        "default_meets_targets": default.setting in meeting,
-        "settings_meeting_targets": meeting,
-        "fastest_meeting_precision_target": None
-        if fastest is None
-        else {
-            "method": fastest.method,
-            "setting": fastest.setting,
-            "seconds_per_prompt": fastest.seconds_per_prompt,
-            "speedup_vs_reference": fastest.speedup(ref_s),
-            "precision_at_10pct": fastest.precision_at_10pct,
-        },
-        "scorer_check": check,
-        "gradient_method": POPIGradients(model, POPIConfig()).method,
-        "gradient_methods": methods,
-        "rows": [asdict(r) | {"speedup_vs_reference": r.speedup(ref_s)} for r in rows],
-        "table": table.splitlines(),
-        "workload": {
-            "model_path": path,
-            "num_params": num_params,
-            "pool_prompts": len(work.pool),
-            "eligible_pool_prompts": eligible,
-            "top_10pct_size": selection_size(eligible, TOP_FRACTION),
-            "target_prompts": len(work.targets),
-            "eligible_target_prompts": len(passes.target_rows),
-            "pool_mean_pass_rate": sum(rates) / len(rates),
-            "fake_rewards": config.fake_rewards,
-            "timed_prompts": passes.prompts,
-            "gradient_pass_seconds": passes.ours.seconds,
-            "reference_loop_seconds": passes.reference_section.seconds,
-        },
-        "config": asdict(config),
-        "machine": machine | {"load_average_at_end": os.getloadavg()},
-        "phase_seconds": phases,
-        "wall_seconds": time.perf_counter() - wall,
-    }
+    for name in config.sections:
+        print(f"section {name}", flush=True)
+        if name == "embedded":
+            result[name] = embedded_section(config)
+        elif name == "selection":
+            result[name] = selection_section(config, default)
+        else:
+            result[name] = smollm2_section(config)
+        result[name]["config"] = asdict(config)
+        result[name]["wall_seconds"] = time.perf_counter() - start
+        result[name]["load_average_at_end"] = os.getloadavg()
+    return summarize(result, config)
 
 
-def _csv(kind: type) -> Any:
-    def parse(text: str) -> tuple:
-        try:
-            return tuple(kind(x) for x in text.split(",") if x)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(f"{text!r}: {err}") from err
+SECTIONS = ("embedded", "selection", "smollm2")
 
-    return parse
+
+def summarize(result: dict[str, Any], config: BenchConfig) -> dict[str, Any]:
+    """The headline keys from whichever sections are present."""
+    if "embedded" in result:
+        embedded = result["embedded"]
+        sketch = next(
+            r for r in embedded["rows"] if r["name"] == f"countsketch k={config.default_dim}"
+        )
+        result["eligible_prompts"] = embedded["eligible_prompts"]
+        result["precision_at_10pct"] = sketch["fidelity"]["precision_at_10pct"]
+        result["precision_at_10pct_ci95"] = sketch["fidelity"]["precision_at_10pct_ci95"]
+        result["gemm_fraction_of_peak"] = embedded["roofline"]["fraction_of_peak"]
+        result["fastest_at_precision_target"] = embedded["fastest_at_precision_target"]
+    if "selection" in result:
+        result["selection_pass_step_equivalents"] = result["selection"].get("step_equivalents")
+    if "smollm2" in result:
+        result["smollm2"]["precision_at_10pct"] = result["smollm2"]["rows"]["default"][
+            "precision_at_10pct"
+        ]
+    result["table"] = format_table(result)
+    return result
+
+
+def _tuple(kind: type) -> Callable[[str], tuple]:
+    return lambda text: tuple(kind(x) for x in text.split(",") if x)
 
 
 def parse_args(argv: list[str] | None) -> tuple[BenchConfig, Path]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    defaults = BenchConfig()
-    lists = {
-        "dims": _csv(int),
-        "fractions": _csv(float),
-        "factorised": _csv(str),
-        "method_batches": _csv(int),
-    }
-    for key, value in asdict(defaults).items():
-        flag = f"--{key.replace('_', '-')}"
-        if isinstance(value, bool):
-            parser.add_argument(flag, action="store_true", help="debug: seeded random 0/1 rewards")
-        elif key in lists:
-            parser.add_argument(flag, type=lists[key], default=value, help="comma-separated")
-        else:
-            parser.add_argument(flag, type=type(value) if value is not None else str, default=value)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("results/bench_influence.json"))
-    args = parser.parse_args(argv)
-    config = BenchConfig(**{key: getattr(args, key) for key in asdict(defaults)})
-    positive = ("pool_size", "target_size", "prompts_per_batch", "projection_batch", "threads")
-    for key in (*positive, "default_dim"):
-        if getattr(config, key) < 1:
-            parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(config, key)}")
-    if min(config.pool_samples, config.target_samples) < 2:
-        parser.error("--pool-samples and --target-samples must be >= 2 (GRPO groups)")
-    for key in ("dims", "method_batches"):
-        if not getattr(config, key) or min(getattr(config, key)) < 1:
-            flag = f"--{key.replace('_', '-')}"
-            parser.error(f"{flag} must be positive integers, got {getattr(config, key)}")
-    for fraction in (*config.fractions, config.default_fraction, config.reference_fraction):
-        if not 0 < fraction <= 1:
-            parser.error(f"kept fractions must be in (0, 1], got {fraction}")
-    for shape in config.factorised:
-        parts = shape.split("x")
-        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            parser.error(f"--factorised entries look like 16x16, got {shape!r}")
-    return config, args.out
+    for f in BenchConfig.__dataclass_fields__.values():
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(BenchConfig, f.name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true")
+        elif isinstance(default, tuple):
+            kind = type(default[0]) if default else str
+            parser.add_argument(flag, type=_tuple(kind), default=default)
+        elif default is None:
+            parser.add_argument(flag, default=None)
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
+    args = vars(parser.parse_args(argv))
+    out = args.pop("out")
+    return BenchConfig(**args), out
 
 
 def main(argv: list[str] | None = None) -> int:
     config, out = parse_args(argv)
-    result = run(config)
-    print(
-        f"precision@10% = {result['precision_at_10pct']:.3f} (reference "
-        f"{result['reference_precision_at_10pct']:.3f}), seconds/prompt = "
-        f"{result['seconds_per_prompt']:.4f}, speedup_vs_reference = "
-        f"{result['speedup_vs_reference']:.2f}"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    previous = json.loads(out.read_text()) if config.update and out.is_file() else {}
+    result = run(config, previous)
+    print(result["table"])
+    with atomic_file(out) as tmp:
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
     return 0
 
 

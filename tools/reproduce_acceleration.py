@@ -1,5 +1,6 @@
 """The acceleration experiment: full-pool GRPO vs 10% subsets (random, pass rate, static influence,
-CROPI) on the embedded tasks, same batch size and step budget, several seeds.
+CROPI) on the embedded tasks, same batch size and step budget, several seeds (each one
+``seed_everything``, from which every other seed derives).
 
     python tools/reproduce_acceleration.py [--seeds 0 1 2] [--steps 45] [--val-every 5]
 
@@ -8,9 +9,9 @@ For every method and seed it runs ``python -m cropi_pl fit`` on ``configs/cropi_
 - targeted and untargeted validation accuracy against step (mean, min, max over seeds);
 - steps to reach the best targeted accuracy the full-pool run reaches within the budget (same
   seed), and the step acceleration ``full's steps to its best / method's steps``;
-- the same in wall-clock seconds of training, with trajectory collection (once, charged in full to
-  every method that needs it) and every selection pass counted; validation time is excluded for
-  all methods alike.
+- the same in wall-clock seconds of training, with trajectory collection (once per seed, charged
+  in full to every method that needs it) and every selection pass counted; validation time is
+  excluded for all methods alike.
 Writes ``results/acceleration.json`` and ``results/acceleration.png``.
 """
 
@@ -54,7 +55,10 @@ def config_args(
     method: str, run_dir: Path, cache_dir: Path, args: argparse.Namespace, seed: int
 ) -> list[str]:
     """``--config`` arguments of one run: the base config, the method's overlay, then a per-run
-    overlay (seed, step budget, no checkpoints or export, everything under ``run_dir``)."""
+    overlay (seed, step budget, no checkpoints or export, everything under ``run_dir``).
+
+    ``seed_everything`` is the run's one seed: sampling, trajectory, projection and selection
+    seeds follow it, so each seed has its own trajectory cache (``cache_dir/seed<N>``)."""
     config = {
         "seed_everything": seed,
         "trainer": {
@@ -66,8 +70,7 @@ def config_args(
         },
         "curriculum": {"init_args": {"stage_steps": args.stage_steps, "progress": False}},
         "export": {"folder": None},
-        "model": {"init_args": {"seed": seed}},
-        "data": {"init_args": {"seed": seed, "trajectories": {"cache_dir": str(cache_dir)}}},
+        "data": {"init_args": {"trajectories": {"cache_dir": str(cache_dir / f"seed{seed}")}}},
     }
     path = run_dir / "overlay.yaml"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -234,18 +237,19 @@ def main() -> None:
             f"starting policy, seed {seed}: targeted {b['targeted']:.3f}, "
             f"untargeted {b['untargeted']:.3f}"
         )
-    base_configs = config_args(
-        "full", runs / f"base-seed{args.seeds[0]}", cache, args, args.seeds[0]
-    )
-
-    collection_s = 0.0
+    collection_s = dict.fromkeys(args.seeds, 0.0)
     if USES_TRAJECTORIES & set(args.methods):
-        collection_s = run(
-            [py, "tools/collect_trajectories.py", *base_configs],
-            runs / "collect_log.txt",
-            args.threads,
-        )
-        print(f"trajectory collection: {collection_s:.1f}s (charged to every method that uses it)")
+        for seed in args.seeds:  # each seed samples its own cache
+            configs = config_args("full", runs / f"base-seed{seed}", cache, args, seed)
+            collection_s[seed] = run(
+                [py, "tools/collect_trajectories.py", *configs],
+                runs / f"collect_log-seed{seed}.txt",
+                args.threads,
+            )
+            print(
+                f"trajectory collection, seed {seed}: {collection_s[seed]:.1f}s "
+                "(charged to every method that uses it)"
+            )
 
     def one(method: str, seed: int) -> tuple[str, int, dict]:
         run_dir = runs / f"{method}-seed{seed}"
@@ -257,7 +261,7 @@ def main() -> None:
             args.threads,
         )
         tags = scalars(run_dir)
-        charged = collection_s if method in USES_TRAJECTORIES else 0.0
+        charged = collection_s[seed] if method in USES_TRAJECTORIES else 0.0
         result = {
             "targeted": curve(tags, "val/targeted/accuracy", bases[seed]["targeted"]),
             "untargeted": curve(tags, "val/untargeted/accuracy", bases[seed]["untargeted"]),
@@ -296,7 +300,7 @@ def main() -> None:
         },
         "methods": summary,
         "base_accuracy": {str(k): v for k, v in bases.items()},
-        "trajectory_collection_seconds": collection_s,
+        "trajectory_collection_seconds": {str(k): v for k, v in collection_s.items()},
         "settings": {
             "seeds": args.seeds,
             "steps": args.steps,

@@ -238,7 +238,9 @@ class CurriculumCallback(L.Callback):
         pool_trajs: list[PromptTrajectories] = []
         if isinstance(self.selector, TRAJECTORY_SELECTORS):
             if self._cache is None:  # collected (or verified) once per process
-                self._cache = data.trajectories(policy.initial_policy(), policy)
+                self._cache, notes = data.trajectories(policy.initial_policy(), policy)
+                for note in notes:
+                    rank_zero_info(f"trajectory cache {note}")
             _, pool_trajs = self._cache.to_trajectories("pool")
         if isinstance(self.selector, InfluenceSelector):
             if self._scratch is None:

@@ -98,10 +98,13 @@ class CurriculumData(Protocol):
         """The influence target sets, by name."""
         ...
 
-    def trajectories(self, behaviour: nn.Module, policy: CurriculumPolicy) -> TrajectoryCache:
+    def trajectories(
+        self, behaviour: nn.Module, policy: CurriculumPolicy
+    ) -> tuple[TrajectoryCache, list[str]]:
         """The trajectory cache of the pool (split ``pool``) and of every target set (splits
-        ``target/<name>``), sampled from ``behaviour``; collected on the first call, verified
-        against ``behaviour``, the data and the sampling settings afterwards."""
+        ``target/<name>``), sampled from ``behaviour``: collected (or its damaged shards
+        re-collected) where needed, verified against ``behaviour``, the data and the sampling
+        settings; with one line per split saying what was done."""
         ...
 
     def pool_collector(

@@ -16,6 +16,7 @@ from cropi_pl.data.sampler import SubsetBatchStream
 from cropi_pl.influence.cache import TrajectoryCache
 from cropi_pl.influence.collector import Collector, SamplingSettings
 from cropi_pl.influence.fingerprints import fingerprint_model, fingerprint_rows
+from cropi_pl.seeding import run_seed
 from cropi_pl.sharding import rank_and_world
 from cropi_pl.tasks.source import PromptSource, load_source
 
@@ -36,7 +37,7 @@ class TrajectorySettings:
         temperature: behaviour sampling temperature (the reference code: 0.5).
         top_p: behaviour nucleus sampling.
         max_new_tokens: length budget; default the module's ``max_completion_length``.
-        seed: sampling seed.
+        seed: sampling seed; default the run's ``seed_everything``.
         shard_size: prompts per parquet shard (the unit of resumption).
         rebuild: replace a cache made from another model, data or settings instead of refusing.
     """
@@ -47,9 +48,12 @@ class TrajectorySettings:
     temperature: float = 0.5
     top_p: float = 1.0
     max_new_tokens: int | None = None
-    seed: int = 0
+    seed: int | None = None
     shard_size: int = 64
     rebuild: bool = False
+
+    def __post_init__(self) -> None:
+        self.seed = run_seed(self.seed)
 
 
 def collate_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -73,7 +77,8 @@ class CurriculumDataModule(L.LightningDataModule):
         batches_per_epoch: batches in one epoch; default: one pass over the current subset (a
             curriculum sets its stage length with ``schedule_subsets``).
         eval_batch_size: prompts per validation batch on each rank.
-        seed: data order seed; an epoch's order depends only on ``(seed, epoch)``.
+        seed: data order and selection seed; an epoch's order depends only on
+            ``(seed, epoch)``; default the run's ``seed_everything``.
         trajectories: the offline trajectory cache used by influence and pass-rate selection.
     """
 
@@ -85,7 +90,7 @@ class CurriculumDataModule(L.LightningDataModule):
         batch_size: int = 8,
         batches_per_epoch: int | None = None,
         eval_batch_size: int = 64,
-        seed: int = 0,
+        seed: int | None = None,
         trajectories: TrajectorySettings | None = None,
     ) -> None:
         super().__init__()
@@ -95,7 +100,7 @@ class CurriculumDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.batches_per_epoch = batches_per_epoch
         self.eval_batch_size = eval_batch_size
-        self.seed = seed
+        self.seed = run_seed(seed)
         self.trajectory_settings = trajectories or TrajectorySettings()
         self.pool: datasets.Dataset | None = None
         self.eval_data: dict[str, datasets.Dataset] = {}
@@ -257,8 +262,14 @@ class CurriculumDataModule(L.LightningDataModule):
     ) -> tuple[Collector, SamplingSettings]:
         return self.collector(model, policy, self.trajectory_settings.pool_samples)
 
-    def trajectories(self, behaviour: nn.Module, policy: CurriculumPolicy) -> TrajectoryCache:
+    def trajectories(
+        self, behaviour: nn.Module, policy: CurriculumPolicy
+    ) -> tuple[TrajectoryCache, list[str]]:
         """Collect (or resume collecting) every split with the behaviour policy; rank-split.
+
+        A complete split whose shards are missing or corrupted gets those shards re-collected
+        alone (the same rows and seeds). Returns the cache and one line per split saying what
+        was done (for logs and ``tools/collect_trajectories.py``).
 
         ``behaviour`` must be the initial policy, unsharded (each rank samples its own prompts);
         ``policy`` supplies the engine, prompt format, reward and length budget.
@@ -268,10 +279,14 @@ class CurriculumDataModule(L.LightningDataModule):
         cache = self.trajectory_cache()
         rank, world = rank_and_world()
         model_fp = fingerprint_model(behaviour)
+        notes = []
         for split, (rows, k) in self.trajectory_splits().items():
             collector, settings = self.collector(behaviour, policy, k)
-            if not cache.is_complete(split) or cfg.rebuild:
-                cache.collect(
+            complete = cache.is_complete(split)
+            damaged = cache.damaged_shards(split)
+            note = f"{split}: complete, nothing to do"
+            if not complete or cfg.rebuild or damaged:
+                repaired = cache.collect(
                     split,
                     rows,
                     collector,
@@ -289,5 +304,14 @@ class CurriculumDataModule(L.LightningDataModule):
                     cache.mark_complete(split)
                 if world > 1:
                     dist.barrier()
+                note = f"{split}: collected" if not complete else f"{split}: rebuilt"
+                if damaged and not cfg.rebuild:
+                    same = [name for name, identical in repaired.items() if identical]
+                    note = (
+                        f"{split}: re-collected {len(damaged)} missing or corrupted shard(s) "
+                        f"{', '.join(damaged)}; {len(same)} of the {len(repaired)} this rank "
+                        "wrote have the original bytes"
+                    )
             cache.check(split, model_fp, fingerprint_rows(rows), settings)
-        return cache
+            notes.append(note)
+        return cache, notes

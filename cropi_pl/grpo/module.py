@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
@@ -43,7 +44,7 @@ from cropi_pl.rewards.base import (
     safe_rewards,
 )
 from cropi_pl.rewards.numeric import ExactNumberReward
-from cropi_pl.seeding import derive_seed
+from cropi_pl.seeding import derive_seed, run_seed
 from cropi_pl.sharding import shard_per_layer
 
 TABLE_PROMPTS = 4  # prompts (with all their completions) in the TensorBoard completions table
@@ -152,7 +153,11 @@ class GRPOModule(L.LightningModule):
         log_completions_every_n_steps: write the ``completions`` text table (prompt, completion,
             each reward, the advantage) to TensorBoard; 0 disables it.
         gradient_checkpointing: trade compute for activation memory.
-        seed: base of the per-completion sampling seeds.
+        max_nonfinite_steps: an optimizer step whose loss or gradient norm is not finite is
+            skipped (no update) and counted (``train/nonfinite_steps``); this many in a row stop
+            the run with an error naming the step and the last checkpoint (0: never stop).
+        seed: base of the per-completion sampling seeds; default the run's ``seed_everything``
+            (:func:`~cropi_pl.seeding.run_seed`).
     """
 
     def __init__(
@@ -191,7 +196,8 @@ class GRPOModule(L.LightningModule):
         eval_temperature: float = 1.0,
         log_completions_every_n_steps: int = 50,
         gradient_checkpointing: bool = False,
-        seed: int = 0,
+        max_nonfinite_steps: int = 3,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["rewards", "engine", "optimizer", "lr_scheduler"])
@@ -199,7 +205,10 @@ class GRPOModule(L.LightningModule):
             raise ValueError("num_generations must be >= 2: group advantages need a group")
         if num_iterations < 1:
             raise ValueError("num_iterations must be >= 1")
+        if max_nonfinite_steps < 0:
+            raise ValueError(f"max_nonfinite_steps must be >= 0, got {max_nonfinite_steps}")
         check_model_name(model)
+        self.sampling_seed = run_seed(seed)
         self.model_name = model
         self.rewards = list(rewards) if rewards else [ExactNumberReward()]
         self.reward_weights = list(reward_weights) if reward_weights else [1.0] * len(self.rewards)
@@ -220,6 +229,8 @@ class GRPOModule(L.LightningModule):
         self.val_metrics = nn.ModuleDict()
         self._eval_names: list[str] = []
         self._timer: dict[str, float] = defaultdict(float)
+        self.nonfinite_steps = 0  # optimizer steps skipped for a non-finite loss or grad norm
+        self._nonfinite_in_a_row = 0
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -296,7 +307,7 @@ class GRPOModule(L.LightningModule):
         prompts = self.prompts.encode_rows(rows)
         step = self.global_step if tag == "train" else 0
         seeds = [
-            derive_seed(self.hparams.seed, tag, step, r["id"], j)
+            derive_seed(self.sampling_seed, tag, step, r["id"], j)
             for r in rows
             for j in range(num_samples)
         ]
@@ -389,6 +400,7 @@ class GRPOModule(L.LightningModule):
                 "throughput/train_tokens_per_s": hp.num_iterations
                 * float(packed.mask.sum())
                 / max(t3 - t2, 1e-9),
+                "train/nonfinite_steps": float(self.nonfinite_steps),
             }
         )
         self._maybe_log_completions(batch, scored, advantages.flatten())
@@ -510,7 +522,14 @@ class GRPOModule(L.LightningModule):
             totals["entropy"] += out.entropy * weight
             if out.kl is not None:
                 totals["kl"] += out.kl * weight
-        totals["grad_norm"] = self._clip_and_norm().to(self.device)
+        totals["grad_norm"] = self._grad_norm()
+        if not self._finite_step(totals["loss"], totals["grad_norm"]):
+            optimizer.zero_grad(set_to_none=True)  # skipped: no update, no scheduler step
+            return dict(totals)
+        if hp.max_grad_norm:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm"
+            )
         optimizer.step()
         mark_weights_updated(self.policy)  # engines holding a weight copy push it again
         scheduler = self.lr_schedulers()
@@ -518,14 +537,48 @@ class GRPOModule(L.LightningModule):
             scheduler.step()
         return dict(totals)
 
-    def _clip_and_norm(self) -> Tensor:
+    def _grad_norm(self) -> Tensor:
+        """The global L2 norm of the policy's gradients, before clipping (gathered under FSDP2)."""
         assert self.policy is not None
-        params = [p for p in self.policy.parameters() if p.grad is not None]
-        max_norm = self.hparams.max_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
-        if hasattr(norm, "full_tensor"):
+        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if isinstance(norm, DTensor):
             norm = norm.full_tensor()
-        return norm.detach()
+        return norm.detach().to(self.device)
+
+    def _finite_step(self, loss: Tensor, grad_norm: Tensor) -> bool:
+        """Whether this optimizer step may update the weights: its loss (every rank's) and its
+        gradient norm are finite.
+
+        A non-finite step is skipped and counted in ``train/nonfinite_steps``; after
+        ``max_nonfinite_steps`` in a row the run stops, naming the step and the last checkpoint,
+        instead of training on (an update with NaN makes every later step NaN).
+        """
+        bad = (~torch.isfinite(loss) | ~torch.isfinite(grad_norm)).float()
+        if self.trainer.world_size > 1:  # ranks must agree, or their replicas drift apart
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if not bad.item():
+            self._nonfinite_in_a_row = 0
+            return True
+        self._nonfinite_in_a_row += 1
+        self.nonfinite_steps += 1
+        limit = self.hparams.max_nonfinite_steps
+        if limit and self._nonfinite_in_a_row >= limit:
+            callback = self.trainer.checkpoint_callback
+            last = getattr(callback, "last_model_path", "") or "none written yet"
+            raise FloatingPointError(
+                f"stopped at step {self.global_step}: {self._nonfinite_in_a_row} optimizer steps "
+                f"in a row had a non-finite loss ({loss.item()}) or gradient norm "
+                f"({grad_norm.item()}), so they were skipped; the last checkpoint is {last}. "
+                "Lower the learning rate or check the rewards and data, then resume from it "
+                "(--ckpt_path last)"
+            )
+        rank_zero_warn(
+            f"step {self.global_step}: non-finite loss ({loss.item()}) or gradient norm "
+            f"({grad_norm.item()}); skipped without an update "
+            f"({self._nonfinite_in_a_row} in a row, the run stops at {limit})"
+        )
+        return False
 
     def _log_rollout(
         self,

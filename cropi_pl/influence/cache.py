@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from cropi_pl.atomic import atomic_file
+from cropi_pl.atomic import atomic_file, sha256_file
 from cropi_pl.influence.collector import (
     Collector,
     SamplingSettings,
@@ -58,6 +58,10 @@ _SHARD_META_KEY = b"cropi_pl.trajectories"
 _SHARD_NAME = re.compile(r"\.?shard-(\d{5,})\.parquet(\.\w+)?(\.tmp)?")
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)*")
 _REBUILD_HINT = "pass rebuild=True (config: `trajectories.rebuild: true`)"
+REPAIR_HINT = (
+    "run `python tools/collect_trajectories.py --config <the run's configs>` (or `fit` again): "
+    "a missing or corrupted shard is re-collected alone, with the same rows and seeds"
+)
 
 # Token ids fit int32 for any real vocabulary; log-probs are float32, which is what the model
 # computes them in (float64 inputs are rounded to float32 on write).
@@ -230,11 +234,14 @@ class TrajectoryCache:
         shard_size: int = 64,
         progress: bool = True,
         rebuild: bool = False,
-    ) -> None:
+    ) -> dict[str, bool]:
         """Sample and store this rank's shards of ``rows``, skipping shards already stored.
 
         ``rebuild=True`` replaces trajectories made from other inputs instead of raising; shards
-        that match are kept (resampling them would reproduce the same files).
+        that match are kept (resampling them would reproduce the same files). Of a complete
+        split, only the shards that are missing or whose bytes differ from the manifest's
+        checksum are sampled again, alone, with the same rows and seeds. Returns those repaired
+        shards of this rank, each with whether it came back with the recorded bytes.
         """
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
@@ -262,8 +269,10 @@ class TrajectoryCache:
                 identity,
             )
         )
-        if done:  # keep the stored layout; collection below only repairs missing shards
+        damaged: set[str] = set()
+        if done:  # keep the stored layout; collection below only repairs damaged shards
             shard_size = entry["shard_size"]
+            damaged = set(self.damaged_shards(split))
         elif rank == 0:
             manifest = self._start_split(manifest, split, identity, len(rows), shard_size)
         directory.mkdir(parents=True, exist_ok=True)
@@ -273,12 +282,21 @@ class TrajectoryCache:
         total = sum(min(len(rows), (j + 1) * shard_size) - j * shard_size for j in mine)
         bar = tqdm(total=total, desc=f"trajectories {split}", disable=not progress or rank != 0)
         wrote = False
+        repaired: dict[str, bool] = {}
         with bar:
             for j in mine:
                 start, stop = j * shard_size, min(len(rows), (j + 1) * shard_size)
                 path = directory / f"shard-{j:05d}.parquet"
                 meta = {**identity, "split": split, "shard": j, "start": start, "stop": stop}
-                if not self._needs_sampling(path, meta, rebuild):
+                if path.name in damaged:
+                    logger.warning(
+                        "trajectory shard %s (rows %d:%d) is missing or corrupted: re-collecting "
+                        "it alone",
+                        path,
+                        start,
+                        stop,
+                    )
+                elif not self._needs_sampling(path, meta, rebuild):
                     bar.update(stop - start)
                     continue
                 columns = self.sample_columns(
@@ -286,11 +304,28 @@ class TrajectoryCache:
                 )
                 self.write_shard(path, columns, meta)
                 wrote = True
+                if path.name in damaged:
+                    repaired[path.name] = sha256_file(path) == entry["checksums"][path.name]
                 bar.update(stop - start)
                 if rank == 0:
                     self._record_progress(split, manifest)
         if world_size == 1 and (wrote or not done):
             self.mark_complete(split)
+        return repaired
+
+    def damaged_shards(self, split: str) -> list[str]:
+        """The shards of a complete split that are missing or whose bytes differ from the
+        checksum recorded when it was completed ([] for a split not complete)."""
+        entry = self.manifest()["splits"].get(split)
+        if not entry or not entry["complete"]:
+            return []
+        directory = self.path(split)
+        return [
+            name
+            for name in entry["shards"]
+            if not (directory / name).is_file()
+            or sha256_file(directory / name) != entry["checksums"][name]
+        ]
 
     def _start_split(
         self,
@@ -432,9 +467,7 @@ class TrajectoryCache:
         for stray in directory.iterdir():
             if _SHARD_NAME.fullmatch(stray.name) and stray.name not in names:
                 stray.unlink()
-        checksums = {
-            name: hashlib.sha256((directory / name).read_bytes()).hexdigest() for name in names
-        }
+        checksums = {name: sha256_file(directory / name) for name in names}
         entry.update(shards=names, checksums=checksums, complete=True)
         self._write_manifest(manifest)
 
@@ -454,14 +487,13 @@ class TrajectoryCache:
             path = directory / name
             if not path.is_file():
                 raise TrajectoryCacheError(
-                    f"trajectory shard {path} of split {split!r} is missing; run the collection "
-                    "again to resample it"
+                    f"trajectory shard {path} of split {split!r} is missing; {REPAIR_HINT}"
                 )
             data = path.read_bytes()
             if hashlib.sha256(data).hexdigest() != entry["checksums"][name]:
                 raise TrajectoryCacheError(
                     f"trajectory shard {path} of split {split!r} is corrupted (checksum differs "
-                    "from the manifest); delete it and run the collection again to resample it"
+                    f"from the manifest); {REPAIR_HINT}"
                 )
             tables.append(_read_table(pa.BufferReader(data), path))
         table = pa.concat_tables(tables) if tables else FEATURES.arrow_schema.empty_table()

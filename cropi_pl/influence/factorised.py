@@ -76,11 +76,20 @@ class FactorisedProjection:
             for indices in plan_batches(trajs, self._vocab_size, self.prompts_per_batch):
                 yield indices, self._project_batch([trajs[i] for i in indices])
 
+    @property
+    def layers(self) -> dict[str, nn.Module]:
+        """The linear layers whose (input, output gradient) calls ``project_calls`` needs."""
+        return dict(self._layers)
+
     def _project_batch(self, trajs: list[PromptTrajectories]) -> Tensor:
         device = next(iter(self._layers.values())).weight.device
         block = collate(trajs, device)
-        p = len(trajs)
         calls = hooked_backward(self.model, self._layers, block, self.config)
+        return self.project_calls(calls, len(trajs))
+
+    def project_calls(self, calls: dict[str, list[tuple[Tensor, Tensor]]], p: int) -> Tensor:
+        """(p, dim) projections from ``hooked_backward``'s calls of (at least) ``layers``."""
+        device = next(iter(self._layers.values())).weight.device
         pieces = []
         for name in self.layer_names:
             p_in, p_out = self.projections[name]

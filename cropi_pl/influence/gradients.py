@@ -285,22 +285,33 @@ class POPIGradients:
         block = collate(trajs, self._device())
         return vmap(grad(loss), in_dims=(None, 0))(params, block)
 
+    @property
+    def hooked_modules(self) -> dict[str, nn.Module]:
+        """The modules whose (input, output gradient) calls ``grads_from_calls`` needs."""
+        return {name: module for name, (module, _) in self._hooked.items()}
+
     def _hook_grads(self, trajs: list[PromptTrajectories]) -> dict[str, Tensor]:
         """All prompts of the batch in one plain forward/backward; per-prompt sums by hooks."""
         block = collate(trajs, self._device())
-        modules = {name: module for name, (module, _) in self._hooked.items()}
-        calls = hooked_backward(self.model, modules, block, self.config)
+        calls = hooked_backward(self.model, self.hooked_modules, block, self.config)
+        return self.grads_from_calls(calls, len(trajs))
+
+    def grads_from_calls(
+        self, calls: dict[str, list[tuple[Tensor, Tensor]]], p: int
+    ) -> dict[str, Tensor]:
+        """Per-prompt gradients {parameter: (p, *shape)} from ``hooked_backward``'s calls of
+        (at least) ``hooked_modules`` over p prompts; other consumers may share the calls."""
         grads: dict[str, Tensor] = {}
         for module_name, (module, owned) in self._hooked.items():
             rule = _rule(module)
             for x, g in calls[module_name]:
-                for attr, piece in rule(module, x, g, len(trajs)).items():
+                for attr, piece in rule(module, x, g, p).items():
                     if attr in owned:
                         name = owned[attr]
                         grads[name] = grads[name] + piece if name in grads else piece
-        for name, p in self._params.items():  # its module never ran: zero gradient
+        for name, param in self._params.items():  # its module never ran: zero gradient
             if name not in grads:
-                grads[name] = p.new_zeros(len(trajs), *p.shape)
+                grads[name] = param.new_zeros(p, *param.shape)
         return grads
 
     def _loop_grads(self, trajs: list[PromptTrajectories]) -> dict[str, Tensor]:

@@ -45,7 +45,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cropi_pl.atomic import atomic_file
-from cropi_pl.seeding import derive_seed
+from cropi_pl.seeding import derive_seed, run_seed
 
 __all__ = [
     "ProjectionConfig",
@@ -62,17 +62,23 @@ _KINDS = ("gaussian", "rademacher", "countsketch")
 @dataclass(frozen=True)
 class ProjectionConfig:
     """Everything that fixes the projection; two projectors with equal configs (and ``num_params``)
-    produce bit-identical outputs. Exactly one of ``kept_fraction`` and ``kept_count`` is set."""
+    produce bit-identical outputs. Exactly one of ``kept_fraction`` and ``kept_count`` is set.
+
+    Defaults (``tools/bench_influence.py`` on the embedded policy, 1,200-prompt pool): CountSketch
+    costs the same at every k, and k = 8192 reaches precision@10% 0.905 against exact scores
+    where k = 2048 reaches 0.76; a Gaussian map regenerates k random numbers per kept coordinate
+    and projection call, which dominates the pass once gradients are streamed per batch."""
 
     dim: int = 8192
     kept_fraction: float | None = 1.0
     kept_count: int | None = None
-    kind: Literal["gaussian", "rademacher", "countsketch"] = "gaussian"
-    seed: int = 0
+    kind: Literal["gaussian", "rademacher", "countsketch"] = "countsketch"
+    seed: int | None = None  # None: the run's seed_everything (cropi_pl.seeding.run_seed)
     block_size: int = 1 << 20
     chunk_rows: int = 2048
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "seed", run_seed(self.seed))
         if (self.kept_fraction is None) == (self.kept_count is None):
             raise ValueError(
                 "ProjectionConfig: set exactly one of kept_fraction and kept_count "

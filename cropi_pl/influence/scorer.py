@@ -18,6 +18,7 @@ from cropi_pl.influence.popi import POPIConfig
 from cropi_pl.influence.projection import ProjectionConfig, SparseProjector
 from cropi_pl.influence.selection import cosine_scores, target_mean
 from cropi_pl.influence.trajectories import PromptTrajectories, zero_mask
+from cropi_pl.seeding import run_seed
 from cropi_pl.sharding import rank_and_world
 
 ProjectFn = Callable[[Sequence[PromptTrajectories]], Iterator[tuple[list[int], Tensor]]]
@@ -61,7 +62,7 @@ class InfluenceScorer:
         projection: ProjectionConfig | None = None,
         prompts_per_batch: int = 8,
         max_target_prompts: int = 100,
-        seed: int = 0,
+        seed: int | None = None,
         method: Method | None = None,
         responses_per_prompt: int | None = None,
         factorised: tuple[int, int] | None = None,
@@ -75,7 +76,7 @@ class InfluenceScorer:
         self.projection = projection or ProjectionConfig()
         self.prompts_per_batch = prompts_per_batch
         self.max_target_prompts = max_target_prompts
-        self.seed = seed
+        self.seed = run_seed(seed)
         self.method = method
         self.responses_per_prompt = responses_per_prompt
         self.factorised = None if factorised is None else (int(factorised[0]), int(factorised[1]))

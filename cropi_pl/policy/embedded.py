@@ -15,7 +15,6 @@ missing or does not match is rebuilt.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 
-from cropi_pl.atomic import atomic_directory, remove_leftovers
+from cropi_pl.atomic import atomic_directory, remove_leftovers, sha256_file
 
 CACHE_ENV = "CROPI_PL_CACHE"
 MARKER_FILE = "cropi_build.json"
@@ -87,14 +86,6 @@ def gguf_source(name: str, spec: GGUFModel) -> Path | None:
             f"(in {path.parent}); reinstall it: {install_hint(spec)}"
         )
     return path
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _source_record(source: Path) -> dict[str, object]:

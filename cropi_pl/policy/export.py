@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 
 from cropi_pl.atomic import atomic_directory
+from cropi_pl.checkpointing import verify_checkpoint
 
 DCP_METADATA = "meta.pt"  # what Lightning writes next to a distributed checkpoint's shards
 POLICY_PREFIX = "policy."
@@ -100,6 +101,7 @@ class HFExport(L.Callback):
 def _read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
     """(everything but the tensors, the policy tensors) of a file checkpoint; for a distributed
     (FSDP2) checkpoint folder the tensors are ``None``: they are loaded into the model later."""
+    verify_checkpoint(path)
     try:
         if path.is_dir():
             if not (path / DCP_METADATA).is_file():

@@ -8,7 +8,6 @@ plus every other column of the file, unchanged, for reward functions to read.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import string
@@ -18,6 +17,7 @@ from typing import Any, Literal
 
 import datasets
 
+from cropi_pl.atomic import sha256_file
 from cropi_pl.rewards.numeric import BOXED, after_hashes, last_boxed
 from cropi_pl.tasks.source import REQUIRED_COLUMNS, PromptSource
 
@@ -88,14 +88,6 @@ def _json_error(path: Path, raw: bytes) -> str | None:
         if not isinstance(record, dict):
             return f"{path} line {number}: not a JSON object ({type(record).__name__})"
     return None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 TEMPLATE_HINT = "literal braces are written {{ and }} (e.g. \\boxed{{}})"
@@ -264,7 +256,7 @@ class PromptFile(PromptSource):
         dataset, the fingerprint datasets gives its cached files."""
         path = self._local
         if path is not None:
-            content = _sha256(path)
+            content = sha256_file(path)
         else:
             content = datasets.load_dataset(self.path, split=self.split)._fingerprint
         settings = {
