@@ -133,7 +133,8 @@ class CROPICLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer with the ``checkpoint``/``curriculum``/``export`` callbacks that are on,
-        the progress bar and the learning-rate monitor.
+        the progress bar and the learning-rate monitor; with a curriculum, the training loader
+        is rebuilt every epoch (``reload_dataloaders_every_n_epochs=1``).
 
         A ``ModelCheckpoint`` listed in ``trainer.callbacks`` replaces the ``checkpoint`` key's;
         a ``CurriculumCallback`` there and the ``curriculum`` key together are refused.
@@ -152,6 +153,9 @@ class CROPICLI(LightningCLI):
                 "two curricula: a CurriculumCallback in trainer.callbacks and the `curriculum` "
                 "key; keep one (the `curriculum` key merges across --config files)"
             )
+        curriculum = any(isinstance(c, CurriculumCallback) for c in [*listed, *keyed])
+        if curriculum and not config.get("reload_dataloaders_every_n_epochs"):
+            config["reload_dataloaders_every_n_epochs"] = 1  # a stage is an epoch with its loader
         if config.get("enable_checkpointing") is False or any(
             isinstance(c, ModelCheckpoint) for c in listed
         ):

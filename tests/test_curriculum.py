@@ -3,7 +3,9 @@
 import json
 
 import lightning as L
+import pytest
 import torch
+from lightning.pytorch.demos.boring_classes import BoringModel
 
 from cropi_pl.curriculum.callback import CurriculumCallback
 from cropi_pl.data.datamodule import CurriculumDataModule
@@ -12,7 +14,10 @@ from cropi_pl.tasks.arithmetic import SyntheticTasks
 
 
 class RecordingModule(L.LightningModule):
-    """Records the prompt ids of every training batch, keyed by the step it trained."""
+    """Records the prompt ids of every training batch, keyed by the step it trained. It meets
+    the stage contract's policy side; random selection never asks it for a model."""
+
+    optimizer_steps_per_batch = 1
 
     def __init__(self) -> None:
         super().__init__()
@@ -27,13 +32,18 @@ class RecordingModule(L.LightningModule):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
+    def initial_policy(self):
+        raise AssertionError("random selection needs no policy")
 
-def _fit(tmp_path, max_steps=9, stage_steps=3, reselect=True):
+    current_policy = trajectory_collector = initial_policy
+
+
+def _fit(tmp_path, max_steps=9, stage_steps=3, reselect=True, module=None, reload=1):
     dm = CurriculumDataModule(
         pool=SyntheticTasks(families=["add", "sub"], difficulties=[2], num_per_cell=20),
         batch_size=2,
     )
-    module = RecordingModule()
+    module = module or RecordingModule()
     callback = CurriculumCallback(
         selector=RandomSelector(),
         ratio=0.25,
@@ -50,6 +60,7 @@ def _fit(tmp_path, max_steps=9, stage_steps=3, reselect=True):
         num_sanity_val_steps=0,
         limit_val_batches=0,
         callbacks=[callback],
+        reload_dataloaders_every_n_epochs=reload,
     )
     trainer.fit(module, dm)
     return module, dm, tmp_path / "selections"
@@ -80,6 +91,14 @@ def test_static_selection_keeps_stage_zero(tmp_path):
     assert [p.name for p in selections.glob("stage-*[0-9].json")] == ["stage-000.json"]
     stage0 = set(_selection(selections / "stage-000.json"))
     assert all(set(ids) <= stage0 for ids in module.seen.values())
+
+
+def test_the_stage_contract_is_checked_before_training(tmp_path):
+    with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs=1"):
+        _fit(tmp_path, reload=0)
+
+    with pytest.raises(TypeError, match="CurriculumPolicy .GRPOModule., got BoringModel"):
+        _fit(tmp_path, module=BoringModel())
 
 
 def test_gradient_method_reaches_the_scorer():

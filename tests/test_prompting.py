@@ -115,7 +115,7 @@ def test_rollouts_and_trajectory_cache_share_the_encoder(tmp_path: Path) -> None
     assert prompt_ids == [expected, expected] and len(completions) == 2
 
     dm = CurriculumDataModule(pool=SyntheticTasks(families=["add"], difficulties=[1]))
-    collector, settings = dm.collector(module.policy, tokenizer, module, 2)
+    collector, settings = dm.collector(module.policy, module, 2)
     assert settings.prompt_format == module.prompts.fingerprint()
     stored_ids, _ = collector.sample(rows, 2, 1.0, "tag")
     assert stored_ids == [expected, expected]

@@ -18,10 +18,8 @@ import sys
 import time
 
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cropi_pl.cli import main as cli_main
-from cropi_pl.policy.build import resolve_model_path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,11 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     dm.trainer = cli.trainer  # for default_root_dir
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("gloo")
-    path = resolve_model_path(module.model_name)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    behaviour = AutoModelForCausalLM.from_pretrained(path).eval()
     start = time.perf_counter()
-    cache, notes = dm.ensure_trajectories(behaviour, tokenizer, module)
+    cache, notes = dm.trajectories(module.initial_policy(), module)
     seconds = time.perf_counter() - start
     if not dist.is_initialized() or dist.get_rank() == 0:
         for note, (split, (rows, k)) in zip(notes, dm.trajectory_splits().items(), strict=True):

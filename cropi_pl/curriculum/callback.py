@@ -10,15 +10,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import datasets
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from transformers import AutoModelForCausalLM
 
 from cropi_pl.atomic import atomic_file
+from cropi_pl.curriculum.contract import CurriculumData, CurriculumPolicy
 from cropi_pl.curriculum.resampling import (
     ResampleConfig,
     ResampledStore,
@@ -40,7 +40,6 @@ from cropi_pl.influence.selection import (
     selection_size,
 )
 from cropi_pl.influence.trajectories import PromptTrajectories, pass_rate
-from cropi_pl.policy.build import resolve_model_path
 from cropi_pl.seeding import derive_seed
 
 TRAJECTORY_SELECTORS = (InfluenceSelector, PassRateSelector, LearnabilitySelector)
@@ -73,6 +72,26 @@ def stage_summary(
             f"{ctx.pass_rate.median().item():.2f})"
         )
     return line
+
+
+def _parties(
+    trainer: L.Trainer, module: L.LightningModule
+) -> tuple[CurriculumData, CurriculumPolicy]:
+    """The trainer's data module and ``module``, checked against the stage contract."""
+    data = trainer.datamodule
+    if not isinstance(data, CurriculumData):
+        raise TypeError(
+            f"CurriculumCallback needs a data module implementing "
+            f"cropi_pl.curriculum.contract.CurriculumData (CurriculumDataModule), got "
+            f"{type(data).__name__}"
+        )
+    if not isinstance(module, CurriculumPolicy):
+        raise TypeError(
+            f"CurriculumCallback needs a module implementing "
+            f"cropi_pl.curriculum.contract.CurriculumPolicy (GRPOModule), got "
+            f"{type(module).__name__}"
+        )
+    return data, module
 
 
 def _histograms(writer: Any, selection: Selection, ctx: SelectionContext, step: int) -> None:
@@ -169,17 +188,23 @@ class CurriculumCallback(L.Callback):
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Schedule the stages with the data module (``cropi_pl.curriculum.contract``)."""
         if stage != "fit":
             return
-        iterations = getattr(pl_module.hparams, "num_iterations", 1)
+        data, policy = _parties(trainer, pl_module)
+        iterations = policy.optimizer_steps_per_batch
         if self.stage_steps % iterations:
             raise ValueError(
                 f"stage_steps={self.stage_steps} must be a multiple of num_iterations={iterations}"
             )
-        dm = trainer.datamodule
-        dm.batches_per_epoch = self.stage_steps // iterations
-        trainer.reload_dataloaders_every_n_epochs = 1
-        dm.subset_provider = partial(self.ensure_stage, trainer, pl_module)
+        if trainer.reload_dataloaders_every_n_epochs != 1:
+            raise ValueError(
+                "CurriculumCallback needs Trainer(reload_dataloaders_every_n_epochs=1): every "
+                "stage is an epoch whose loader serves that stage's subset (the CLI sets it), got "
+                f"{trainer.reload_dataloaders_every_n_epochs}"
+            )
+        prepare = partial(self.ensure_stage, trainer, data, policy)
+        data.schedule_subsets(prepare, self.stage_steps // iterations)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": {str(k): v for k, v in self.history.items()}}
@@ -191,36 +216,40 @@ class CurriculumCallback(L.Callback):
     def stage_of(self, epoch: int) -> int:
         return epoch if self.reselect else 0
 
-    def ensure_stage(self, trainer: L.Trainer, module: L.LightningModule, epoch: int) -> None:
-        """Make the DataModule's subset the one of ``epoch``'s stage, selecting if needed."""
+    def ensure_stage(
+        self, trainer: L.Trainer, data: CurriculumData, policy: CurriculumPolicy, epoch: int
+    ) -> None:
+        """Make the data module's subset the one of ``epoch``'s stage, selecting if needed."""
         stage = self.stage_of(epoch)
-        dm = trainer.datamodule
-        if dm.subset_stage == stage:
+        if data.subset_stage == stage:
             return
-        selection = self.select(trainer, module, stage)
-        dm.set_subset(selection.indices, stage)
+        selection = self.select(trainer, data, policy, stage)
+        data.set_subset(selection.indices, stage)
 
-    def select(self, trainer: L.Trainer, module: L.LightningModule, stage: int) -> Selection:
+    def select(
+        self, trainer: L.Trainer, data: CurriculumData, policy: CurriculumPolicy, stage: int
+    ) -> Selection:
         start = time.perf_counter()
-        dm = trainer.datamodule
-        dm.setup()
-        pool_ids = list(dm.pool["id"])
+        pool = data.pool_rows()
+        pool_ids = list(pool["id"])
         n = selection_size(len(pool_ids), self.ratio)
-        ctx = SelectionContext(ids=pool_ids, seed=dm.seed, stage=stage)
+        ctx = SelectionContext(ids=pool_ids, seed=data.seed, stage=stage)
         metrics: dict[str, float] = {}
         pool_trajs: list[PromptTrajectories] = []
         if isinstance(self.selector, TRAJECTORY_SELECTORS):
             if self._cache is None:  # collected (or verified) once per process
-                behaviour = self._load_initial(module)
-                self._cache, notes = dm.ensure_trajectories(behaviour, module.tokenizer, module)
+                self._cache, notes = data.trajectories(policy.initial_policy(), policy)
                 for note in notes:
                     rank_zero_info(f"trajectory cache {note}")
             _, pool_trajs = self._cache.to_trajectories("pool")
         if isinstance(self.selector, InfluenceSelector):
-            model = self._current_weights(module)
-            pool_trajs = self._freshen(trainer, module, model, pool_ids, pool_trajs, stage, metrics)
+            if self._scratch is None:
+                self._scratch = policy.initial_policy()
+            model = policy.current_policy(into=self._scratch)
+            pool_trajs = self._freshen(trainer, data, policy, model, pool_trajs, stage, metrics)
             targets = {
-                name: self._cache.to_trajectories(f"target/{name}")[1] for name in dm.target_data
+                name: self._cache.to_trajectories(f"target/{name}")[1]
+                for name in data.target_names()
             }
             if not targets:
                 raise ValueError("influence selection needs data.targets (influence target sets)")
@@ -235,22 +264,24 @@ class CurriculumCallback(L.Callback):
         selection = self.selector.select(ctx, n)
         selection.stage = stage
         metrics["curriculum/selection_seconds"] = time.perf_counter() - start
-        self._record(trainer, selection, ctx, metrics)
+        self._record(trainer, pool, selection, ctx, metrics)
         return selection
 
     # ---------------------------------------------------------------- helpers
     def _freshen(
         self,
         trainer: L.Trainer,
-        module: L.LightningModule,
+        data: CurriculumData,
+        policy: CurriculumPolicy,
         model: nn.Module,
-        ids: list[str],
         trajs: list[PromptTrajectories],
         stage: int,
         metrics: dict[str, float],
     ) -> list[PromptTrajectories]:
         """The pool's trajectories as this stage scores them: stored rows, with the rows that
         earlier stages and this one re-sampled put in place (``resample``); logs drift."""
+        pool = data.pool_rows()
+        ids = list(pool["id"])
         store = ResampledStore(Path(trainer.default_root_dir) / "resampled")
         if self.resample is not None:
             trajs = store.apply(ids, trajs, range(1, stage))
@@ -261,36 +292,19 @@ class CurriculumCallback(L.Callback):
             metrics.update(drift.metrics())
         if fresh is None:  # re-sampling is on and this stage has not re-sampled yet
             start = time.perf_counter()
-            dm = trainer.datamodule
-            seed = derive_seed("resample", dm.seed, stage)
+            seed = derive_seed("resample", data.seed, stage)
             ess = drift.ess if drift is not None else None
             chosen, counts = stale_prompts(trajs, self.resample, ess, seed)
-            collector, settings = dm.collector(
-                model, module.tokenizer, module, dm.trajectory_settings.pool_samples
-            )
-            fresh = store.resample(stage, dm.pool.select(chosen).to_list(), collector, settings)
+            collector, settings = data.pool_collector(model, policy)
+            fresh = store.resample(stage, pool.select(chosen).to_list(), collector, settings)
             metrics.update(counts)
             metrics["curriculum/resample_seconds"] = time.perf_counter() - start
         return store.put(ids, trajs, fresh, store.path(stage))
 
-    def _load_initial(self, module: L.LightningModule) -> nn.Module:
-        """An unsharded copy of the initial policy (the behaviour policy beta)."""
-        path = resolve_model_path(module.model_name)
-        dtype = next(module.policy.parameters()).dtype
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        return model.to(module.device).eval()
-
-    def _current_weights(self, module: L.LightningModule) -> nn.Module:
-        """An unsharded model holding the policy's current parameters (gathered under FSDP)."""
-        if self._scratch is None:
-            self._scratch = self._load_initial(module)
-        state = get_model_state_dict(module.policy, options=StateDictOptions(full_state_dict=True))
-        self._scratch.load_state_dict(state)
-        return self._scratch
-
     def _record(
         self,
         trainer: L.Trainer,
+        pool: datasets.Dataset,
         selection: Selection,
         ctx: SelectionContext,
         metrics: dict[str, float],
@@ -300,7 +314,6 @@ class CurriculumCallback(L.Callback):
         self.history[stage] = list(selection.ids)
         if trainer.global_rank != 0:
             return
-        dm = trainer.datamodule
         directory = Path(self.selection_dir or Path(trainer.default_root_dir) / "selections")
         directory.mkdir(parents=True, exist_ok=True)
         selection.save(directory / f"stage-{stage:03d}.json")
@@ -309,10 +322,10 @@ class CurriculumCallback(L.Callback):
         if previous is not None:
             overlap = len(set(previous) & set(selection.ids)) / max(1, len(selection.ids))
             metrics["curriculum/overlap_with_previous"] = overlap
-        families = Counter(dm.pool[i]["family"] for i in selection.indices)
+        families = Counter(pool[i]["family"] for i in selection.indices)
         for family, count in families.items():
             metrics[f"curriculum/family/{family}"] = count / len(selection.indices)
-        rank_zero_info(stage_summary(selection, len(dm.pool), families, ctx, metrics))
+        rank_zero_info(stage_summary(selection, len(pool), families, ctx, metrics))
         step = stage * self.stage_steps
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import lightning as L
@@ -19,6 +19,11 @@ from cropi_pl.influence.fingerprints import fingerprint_model, fingerprint_rows
 from cropi_pl.seeding import run_seed
 from cropi_pl.sharding import rank_and_world
 from cropi_pl.tasks.source import PromptSource, load_source
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from cropi_pl.curriculum.contract import CurriculumPolicy
 
 
 @dataclass
@@ -59,14 +64,18 @@ def collate_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 class CurriculumDataModule(L.LightningDataModule):
     """Serves GRPO prompt batches from the current subset of the pool.
 
+    It is the data side of the stage contract (``cropi_pl.curriculum.contract.CurriculumData``):
+    a curriculum schedules the subsets (``schedule_subsets``), reads the pool and its trajectory
+    cache, and sets each stage's subset (``set_subset``).
+
     Args:
         pool: the training prompts a curriculum selects from.
         eval_sets: named evaluation sets (for example ``targeted`` and ``untargeted``), scored by
             the module's validation loop.
         targets: named influence target sets (their mean gradient defines what "useful" means).
         batch_size: prompts per optimizer step, over all ranks (each gets ``batch_size / world``).
-        batches_per_epoch: batches in one epoch (a curriculum stage is one epoch); default: one
-            pass over the current subset.
+        batches_per_epoch: batches in one epoch; default: one pass over the current subset (a
+            curriculum sets its stage length with ``schedule_subsets``).
         eval_batch_size: prompts per validation batch on each rank.
         seed: data order and selection seed; an epoch's order depends only on
             ``(seed, epoch)``; default the run's ``seed_everything``.
@@ -98,8 +107,7 @@ class CurriculumDataModule(L.LightningDataModule):
         self.target_data: dict[str, datasets.Dataset] = {}
         self.subset: list[int] | None = None
         self.subset_stage: int | None = None
-        # Set by the curriculum callback: makes the subset right for an epoch before its loader.
-        self.subset_provider: Callable[[int], None] | None = None
+        self._prepare_epoch: Callable[[int], None] | None = None  # ``schedule_subsets``
         self._position = (0, 0)  # (epoch, training batches consumed in it)
         self._resume: tuple[int, int] | None = None
 
@@ -114,6 +122,29 @@ class CurriculumDataModule(L.LightningDataModule):
     @property
     def eval_names(self) -> list[str]:
         return list(self.eval_sources)
+
+    def eval_families(self) -> dict[str, list[str]]:
+        """Eval set name -> its families (sorted), in loader order: the module's validation
+        metrics are created from it before the first batch, identically on every rank."""
+        self.setup()
+        return {name: sorted(set(self.eval_data[name]["family"])) for name in self.eval_names}
+
+    # ------------------------------------------------------ the stage contract
+    def schedule_subsets(self, prepare: Callable[[int], None], batches_per_epoch: int) -> None:
+        """Call ``prepare(epoch)`` before building each epoch's training loader (the curriculum
+        sets the epoch's subset there), every epoch ``batches_per_epoch`` batches long."""
+        if batches_per_epoch < 1:
+            raise ValueError(f"batches_per_epoch must be >= 1, got {batches_per_epoch}")
+        self._prepare_epoch = prepare
+        self.batches_per_epoch = batches_per_epoch
+
+    def pool_rows(self) -> datasets.Dataset:
+        self.setup()
+        assert self.pool is not None
+        return self.pool
+
+    def target_names(self) -> list[str]:
+        return list(self.target_sources)
 
     def set_subset(self, indices: list[int], stage: int | None = None) -> None:
         """Train on these pool rows from the next loader on (the curriculum's selection)."""
@@ -139,8 +170,8 @@ class CurriculumDataModule(L.LightningDataModule):
         return self.batches_per_epoch or max(1, len(self.subset) // self.batch_size)
 
     def train_dataloader(self) -> DataLoader:
-        if self.subset_provider is not None:
-            self.subset_provider(self.trainer.current_epoch)
+        if self._prepare_epoch is not None:
+            self._prepare_epoch(self.trainer.current_epoch)
         assert self.pool is not None and self.subset is not None
         world, rank = self._world()
         sampler = SubsetBatchStream(
@@ -217,28 +248,22 @@ class CurriculumDataModule(L.LightningDataModule):
         return splits
 
     def collector(
-        self, policy: Any, tokenizer: Any, module: Any, k: int
+        self, model: nn.Module, policy: CurriculumPolicy, k: int
     ) -> tuple[Collector, SamplingSettings]:
-        """A collector sampling ``k`` responses per prompt from ``policy`` with the cache's
-        settings; ``module`` supplies the prompt format, engine, rewards and length budget."""
+        """A collector sampling ``k`` responses per prompt from ``model`` with the cache's
+        settings; ``policy`` supplies the engine, prompt format, reward and length budget."""
         cfg = self.trajectory_settings
-        max_new = cfg.max_new_tokens or module.hparams.max_completion_length
-        encoder = module.prompt_encoder(tokenizer)
-        settings = SamplingSettings(
-            k, cfg.temperature, cfg.top_p, max_new, cfg.seed, encoder.fingerprint()
+        return policy.trajectory_collector(
+            model, k, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.seed
         )
-        collector = Collector.for_model(
-            policy,
-            encoder,
-            module.engine,
-            module.rewards[0],
-            settings,
-            module.hparams.reward_timeout_s,
-        )
-        return collector, settings
 
-    def ensure_trajectories(
-        self, behaviour: Any, tokenizer: Any, module: Any
+    def pool_collector(
+        self, model: nn.Module, policy: CurriculumPolicy
+    ) -> tuple[Collector, SamplingSettings]:
+        return self.collector(model, policy, self.trajectory_settings.pool_samples)
+
+    def trajectories(
+        self, behaviour: nn.Module, policy: CurriculumPolicy
     ) -> tuple[TrajectoryCache, list[str]]:
         """Collect (or resume collecting) every split with the behaviour policy; rank-split.
 
@@ -247,7 +272,7 @@ class CurriculumDataModule(L.LightningDataModule):
         was done (for logs and ``tools/collect_trajectories.py``).
 
         ``behaviour`` must be the initial policy, unsharded (each rank samples its own prompts);
-        ``module`` supplies the engine, rewards and length budget.
+        ``policy`` supplies the engine, prompt format, reward and length budget.
         """
         self.setup()
         cfg = self.trajectory_settings
@@ -256,7 +281,7 @@ class CurriculumDataModule(L.LightningDataModule):
         model_fp = fingerprint_model(behaviour)
         notes = []
         for split, (rows, k) in self.trajectory_splits().items():
-            collector, settings = self.collector(behaviour, tokenizer, module, k)
+            collector, settings = self.collector(behaviour, policy, k)
             complete = cache.is_complete(split)
             damaged = cache.damaged_shards(split)
             note = f"{split}: complete, nothing to do"

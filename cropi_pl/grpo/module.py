@@ -16,6 +16,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -30,6 +31,7 @@ from cropi_pl.grpo.losses import (
     policy_loss,
 )
 from cropi_pl.grpo.rollout import PackedBatch, pack, pack_token_values, token_logps
+from cropi_pl.influence.collector import Collector, SamplingSettings
 from cropi_pl.policy.build import check_model_name, resolve_model_path
 from cropi_pl.policy.prompting import PromptEncoder, PromptFormat
 from cropi_pl.policy.quantization import ReferenceQuantization, load_quantized
@@ -86,6 +88,10 @@ def _cell(text: str) -> str:
 
 class GRPOModule(L.LightningModule):
     """Group Relative Policy Optimization on a causal LM with verifiable rewards.
+
+    It is the module side of the stage contract (``cropi_pl.curriculum.contract.
+    CurriculumPolicy``): a curriculum asks it for unsharded copies of the initial and current
+    policy and for trajectory collectors that sample and score as its rollouts do.
 
     Each training batch is a list of prompt rows. The module samples ``num_generations``
     completions per prompt, scores them, computes group advantages and takes ``num_iterations``
@@ -221,6 +227,7 @@ class GRPOModule(L.LightningModule):
         self.tokenizer: Any = None
         self.prompts: PromptEncoder | None = None
         self.val_metrics = nn.ModuleDict()
+        self._eval_names: list[str] = []
         self._timer: dict[str, float] = defaultdict(float)
         self.nonfinite_steps = 0  # optimizer steps skipped for a non-finite loss or grad norm
         self._nonfinite_in_a_row = 0
@@ -230,10 +237,7 @@ class GRPOModule(L.LightningModule):
         if self.policy is not None:
             return
         path = resolve_model_path(self.model_name)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.prompts = self.prompt_encoder(self.tokenizer)
+        self._load_tokenizer()
         dtype = torch.get_default_dtype()  # the precision plugin's init context sets it
         self.policy = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         self.policy.train()  # from_pretrained returns eval mode
@@ -255,6 +259,14 @@ class GRPOModule(L.LightningModule):
             shard_per_layer(self.policy, mesh)
             if self.reference is not None and quantization is None:
                 shard_per_layer(self.reference, mesh)
+
+    def _load_tokenizer(self) -> None:
+        """The tokenizer (EOS pads when it has no pad token) and the prompt encoder over it."""
+        if self.tokenizer is None:
+            self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.model_name))
+            if self.tokenizer.pad_token_id is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+            self.prompts = self.prompt_encoder(self.tokenizer)
 
     def configure_optimizers(self) -> Any:
         assert self.policy is not None
@@ -628,15 +640,74 @@ class GRPOModule(L.LightningModule):
                 lines.append("| " + " | ".join([*cells, f"{advantages[j].item():+.3f}"]) + " |")
         experiment.add_text("completions", "\n".join(lines), self.global_step)
 
+    # ------------------------------------------------------------- curriculum
+    @property
+    def optimizer_steps_per_batch(self) -> int:
+        return self.hparams.num_iterations
+
+    def initial_policy(self) -> nn.Module:
+        """An unsharded copy of the initial policy in the training dtype on this rank's device,
+        in eval mode (the curriculum's behaviour policy beta)."""
+        dtype = (
+            next(self.policy.parameters()).dtype
+            if self.policy is not None
+            else torch.get_default_dtype()
+        )
+        path = resolve_model_path(self.model_name)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
+
+    def current_policy(self, into: nn.Module) -> nn.Module:
+        """``into`` holding the policy's current parameters (under FSDP gathered on every rank,
+        a collective), for the curriculum's influence pass."""
+        assert self.policy is not None
+        options = StateDictOptions(full_state_dict=True)
+        into.load_state_dict(get_model_state_dict(self.policy, options=options))
+        return into
+
+    def trajectory_collector(
+        self,
+        model: nn.Module,
+        num_samples: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int | None,
+        seed: int,
+    ) -> tuple[Collector, SamplingSettings]:
+        """A collector sampling ``model`` through this module's engine, prompt format and
+        reward timeout, scored by the first reward, and its settings (``max_new_tokens=None``:
+        ``max_completion_length``)."""
+        self._load_tokenizer()
+        assert self.prompts is not None
+        settings = SamplingSettings(
+            num_samples,
+            temperature,
+            top_p,
+            max_new_tokens or self.hparams.max_completion_length,
+            seed,
+            self.prompts.fingerprint(),
+        )
+        collector = Collector.for_model(
+            model,
+            self.prompts,
+            self.engine,
+            self.rewards[0],
+            settings,
+            self.hparams.reward_timeout_s,
+        )
+        return collector, settings
+
     # ------------------------------------------------------------- validation
     def setup(self, stage: str) -> None:
+        """Validation metrics for every eval set and family, created before the first batch so
+        every rank holds the same ones (the data module's ``setup`` has run: Lightning calls it
+        first)."""
         dm = self.trainer.datamodule if self.trainer else None
         if dm is None or len(self.val_metrics):
             return
-        dm.setup(stage)
-        for name, data in dm.eval_data.items():
-            keys = ["all", *sorted(set(data["family"]))]
-            for key in keys:
+        families = dm.eval_families()
+        self._eval_names = list(families)
+        for name, names in families.items():
+            for key in ["all", *names]:
                 self.val_metrics[f"{name}__{key}__acc"] = MeanMetric()
                 if self.hparams.eval_num_samples > 1:
                     self.val_metrics[f"{name}__{key}__pass"] = MeanMetric()
@@ -648,7 +719,7 @@ class GRPOModule(L.LightningModule):
         temperature = 0.0 if k == 1 else self.hparams.eval_temperature
         _, completions = self.sample(batch, k, temperature, "eval")
         correct = self.score(batch, completions, k, primary_only=True).correct
-        name = self.trainer.datamodule.eval_names[dataloader_idx]
+        name = self._eval_names[dataloader_idx]
         per_prompt = correct.view(-1, k)
         for i, row in enumerate(batch):
             for key in ("all", row["family"]):

@@ -1,6 +1,6 @@
 """Offline trajectory cache: K responses per prompt sampled ONCE from the behaviour policy.
 
-POPI (METHOD.md section 3) never regenerates responses: every stage reweights the same stored
+POPI (docs/method.md section 3) never regenerates responses: every stage reweights the same stored
 samples of beta. This module stores token ids, beta's per-token log-probs, rewards
 and decoded texts as parquet shards, and hands them back as ``datasets.Dataset`` rows or
 :class:`~cropi_pl.influence.trajectories.PromptTrajectories`.

@@ -1,4 +1,4 @@
-"""POPI: the off-policy policy-gradient loss of one prompt from stored trajectories (METHOD.md 3).
+"""POPI: the off-policy loss of one prompt from its stored trajectories (docs/method.md 3).
 
 CROPI scores a prompt by the gradient of its GRPO objective at the current parameters theta, but it
 never samples fresh responses: the K responses stored from the behaviour policy beta are reweighted
