@@ -57,6 +57,9 @@ def test_fit_writes_tensorboard_reward_and_validation(fitted):
     for tag in TRL_NAMES + ("val/targeted/accuracy", "accuracy", "lr-AdamW"):
         assert tag in tags, f"missing {tag}; have {sorted(tags)}"
     assert "hp_metric" not in tags
+    assert all(
+        0.0 <= v < 0.5 for v in tags["val/targeted/accuracy_ci95"]
+    )  # formula: test_validation_interval
     assert tags["lr-AdamW"] == pytest.approx([1e-4] * 4)  # LearningRateMonitor, every step
     assert all(0.0 <= v <= 1.0 for v in tags["completions/clipped_ratio"])
     assert all(v <= 24 for v in tags["completions/max_length"])  # max_completion_length

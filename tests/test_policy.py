@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from cropi_pl.policy.build import (
+    METADATA_FILE,
     PolicySpec,
     _collate,
     _encode_sft,
@@ -19,9 +22,11 @@ from cropi_pl.policy.build import (
     pass_rates,
     per_cell_mean,
     resolve_model_path,
+    with_guesses,
 )
 from cropi_pl.policy.tokenizer import CHARACTERS, build_tokenizer
 from cropi_pl.tasks.arithmetic import generate_tasks
+from cropi_pl.tasks.stepwise import StepwiseTasks
 
 TINY = PolicySpec(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=32)
 
@@ -123,7 +128,8 @@ def test_per_cell_mean_matches_explicit_loops():
             assert means[family][str(difficulty)] == pytest.approx(sum(picked) / len(picked))
 
 
-def test_build_policy_is_deterministic_in_the_seed(tmp_path):
+@pytest.mark.parametrize("tasks", ["arithmetic", "stepwise"])
+def test_build_policy_is_deterministic_in_the_seed(tmp_path, tasks):
     def weights(seed: int, name: str) -> dict[str, torch.Tensor]:
         out = build_policy(
             tmp_path / name,
@@ -134,13 +140,31 @@ def test_build_policy_is_deterministic_in_the_seed(tmp_path):
             train_per_cell=2,
             eval_per_cell=0,
             progress=False,
+            tasks=tasks,
         )
+        assert json.loads((out / METADATA_FILE).read_text())["tasks"] == tasks
         return AutoModelForCausalLM.from_pretrained(out, local_files_only=True).state_dict()
 
     first, again, other = weights(0, "a"), weights(0, "b"), weights(1, "c")
     assert first.keys() == again.keys() == other.keys()
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_shipped_stepwise_policy_executes_steps_and_leaves_room_to_learn():
+    """The testbed's policy writes worked steps, and its recorded sampled pass rates are spread
+    between 0 and 1 (GRPO needs prompts it sometimes solves); it ships under 20 MB."""
+    path = Path(resolve_model_path("embedded:stepwise"))
+    assert sum(f.stat().st_size for f in path.iterdir()) < 20e6
+    meta = json.loads((path / METADATA_FILE).read_text())
+    assert meta["tasks"] == "stepwise" and meta["wall_seconds"] < 15 * 60
+    stats = meta["stats"]
+    assert 0.2 < stats["sampled_pass_rate"] < 0.8 and stats["fraction_mixed"] > 0.4
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tasks = StepwiseTasks(families=["add", "mul"], difficulties=[2], num_per_cell=4).load()
+    greedy = pass_rates(model, tokenizer, tasks, max_new_tokens=72)
+    assert sum(greedy) >= 4, greedy
 
 
 def test_extract_answer_and_histogram_buckets():
@@ -155,6 +179,7 @@ def test_extract_answer_and_histogram_buckets():
 def test_resolve_model_path():
     assert resolve_model_path("some/hub-model") == "some/hub-model"
     assert resolve_model_path("embedded:tiny") == str(embedded_policy_path())
+    assert resolve_model_path("embedded:stepwise") == str(embedded_policy_path("stepwise-policy"))
     with pytest.raises(FileNotFoundError, match="embedded:nope.*tools/build_policy.py"):
         resolve_model_path("embedded:nope")
 
@@ -166,3 +191,17 @@ def test_bad_spec_and_budget_raise_clear_errors(tmp_path):
         PolicySpec(num_heads=4, num_kv_heads=3)
     with pytest.raises(ValueError, match="sft_steps"):
         build_policy(tmp_path, TINY, sft_steps=0, progress=False)
+
+
+def test_with_guesses_replaces_a_seeded_share_of_solutions_by_the_bare_answer():
+    tasks = StepwiseTasks(num_per_cell=40, split="train").load()
+    mixed = with_guesses(tasks, 0.5, seed=3)
+    guessed = [s == f"#### {a}" for s, a in zip(mixed["solution"], tasks["answer"], strict=True)]
+    assert 0.4 < sum(guessed) / len(tasks) < 0.6
+    kept = [s for s, g in zip(mixed["solution"], guessed, strict=True) if not g]
+    assert kept == [s for s, g in zip(tasks["solution"], guessed, strict=True) if not g]
+    assert mixed["solution"] == with_guesses(tasks, 0.5, seed=3)["solution"]
+    assert mixed["solution"] != with_guesses(tasks, 0.5, seed=4)["solution"]
+    assert with_guesses(tasks, 0.0, seed=3)["solution"] == tasks["solution"]
+    with pytest.raises(ValueError, match="guess fraction"):
+        with_guesses(tasks, 1.0, seed=0)

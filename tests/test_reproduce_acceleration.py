@@ -33,17 +33,69 @@ def test_train_seconds_add_collection_selections_and_steps(tmp_path):
     assert wall == pytest.approx(expected)
 
 
+def _run(targeted, untargeted, wall, ci=0.01):
+    steps = (0, 9, 18)
+    return {
+        "targeted": dict(zip(steps, targeted, strict=True)),
+        "untargeted": dict(zip(steps, untargeted, strict=True)),
+        "targeted_ci95": dict.fromkeys(steps, ci),
+        "untargeted_ci95": dict.fromkeys(steps, 2 * ci),
+        "wall": dict(zip(steps, wall, strict=True)),
+    }
+
+
 def test_summary_accelerations_by_hand():
-    full = {"targeted": {0: 0.2, 9: 0.25, 18: 0.3}, "untargeted": {0: 0.5, 9: 0.5, 18: 0.5}}
-    full["wall"] = {0: 0.0, 9: 90.0, 18: 180.0}
-    fast = {"targeted": {0: 0.2, 9: 0.3, 18: 0.31}, "untargeted": {0: 0.5, 9: 0.4, 18: 0.45}}
-    fast["wall"] = {0: 30.0, 9: 120.0, 18: 210.0}
-    never = {"targeted": {0: 0.2, 9: 0.21, 18: 0.22}, "untargeted": {0: 0.5, 9: 0.5, 18: 0.5}}
-    never["wall"] = {0: 0.0, 9: 90.0, 18: 180.0}
+    full = _run((0.2, 0.25, 0.3), (0.5, 0.5, 0.5), (0.0, 90.0, 180.0))
+    fast = _run((0.2, 0.3, 0.31), (0.5, 0.4, 0.45), (30.0, 120.0, 210.0), ci=0.03)
+    never = _run((0.2, 0.21, 0.22), (0.5, 0.5, 0.5), (0.0, 90.0, 180.0))
     summary = accel.summarise({"full": {0: full}, "cropi": {0: fast}, "random": {0: never}}, [0])
     assert summary["full"]["step_acceleration"] == 1.0
     assert summary["cropi"]["step_acceleration"] == 2.0  # full needs 18 steps, cropi 9
     assert summary["cropi"]["wallclock_acceleration"] == pytest.approx(180.0 / 120.0)
-    assert summary["cropi"]["final_untargeted_mean"] == 0.45
+    assert summary["cropi"]["final_untargeted"]["per_seed"] == [0.45]
+    assert summary["cropi"]["final_untargeted"]["ci95_half_width_per_seed"] == [0.06]
+    assert summary["full"]["targeted_gain"]["mean"] == pytest.approx(0.1)
+    # final and starting accuracies are two measurements: half-widths add in quadrature
+    gain_ci = summary["cropi"]["targeted_gain"]["ci95_half_width_per_seed"][0]
+    assert gain_ci == pytest.approx(0.03 * 2**0.5)
     assert summary["random"]["steps_to_full_best_per_seed"] == [None]
     assert summary["random"]["step_acceleration"] == 0.0
+
+
+def test_targets_overlay_retargets_influence_and_evaluation_sets():
+    config = accel.ROOT / "configs" / "cropi_tiny.yaml"
+    overlay = accel.targets_overlay(config, ["sub", "cmp"])
+    assert list(overlay["targets"]) == ["sub", "cmp"]
+    assert overlay["targets"]["cmp"]["init_args"]["families"] == ["cmp"]
+    assert overlay["targets"]["cmp"]["init_args"]["split"] == "validation"
+    evals = overlay["eval_sets"]
+    assert evals["targeted"]["init_args"]["families"] == ["sub", "cmp"]
+    assert evals["untargeted"]["init_args"]["families"] == ["add", "mul", "mod", "word"]
+    for bad in (["sub", "nope"], ["sub", "sub"], ["add", "sub", "mul", "mod", "cmp", "word"]):
+        with pytest.raises(SystemExit, match="--targets"):
+            accel.targets_overlay(config, bad)
+
+
+def test_targets_overlay_parses_through_the_cli(tmp_path):
+    """The overlay replaces the config's targets and eval sets (no merge with mul/mod)."""
+    from tests.cli_utils import run_cli
+
+    args = accel.argparse.Namespace(
+        config="configs/cropi_tiny.yaml",
+        targets=["sub", "cmp"],
+        steps=3,
+        val_every=3,
+        stage_steps=3,
+    )
+    configs = accel.config_args("full", tmp_path / "run", tmp_path / "cache", args, seed=0)
+    out = run_cli(
+        "fit", *configs[2:], "--print_config", run_dir=tmp_path, config=accel.ROOT / args.config
+    ).stdout
+    config = accel.yaml.safe_load(out)["data"]["init_args"]
+    assert list(config["targets"]) == ["sub", "cmp"]
+    assert config["eval_sets"]["untargeted"]["init_args"]["families"] == [
+        "add",
+        "mul",
+        "mod",
+        "word",
+    ]

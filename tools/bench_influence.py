@@ -23,7 +23,9 @@ factorised (LoGra-style) path. The default is the fastest option that keeps prec
 Roofline: the machine's fp32 matmul throughput (square GEMMs, same thread count) against the
 achieved FLOP/s of the default influence pass, counting 6 * (non-embedding parameters) FLOPs per
 token (forward 2, backward 4) plus the head's share. Selection pass: the default pass over the
-``configs/cropi_tiny.yaml`` pool and targets (all K stored responses) divided by the time of one
+one-shot embedded pool and targets (448 prompts, ``mul``/``mod`` targets: what
+``configs/cropi_tiny.yaml`` held before it moved to the step-by-step testbed; all K stored
+responses) divided by the time of one
 GRPO training step at that config's batch (``tools/bench_grpo.py``'s runner).
 
 SmolLM2 section. One forward/backward per eligible prompt through hooks (``hooked_backward``)
@@ -590,7 +592,7 @@ def embedded_section(config: BenchConfig) -> dict[str, Any]:
 
 
 def selection_section(config: BenchConfig, scorer: InfluenceScorer) -> dict[str, Any]:
-    """The default pass on configs/cropi_tiny.yaml's pool and targets in training steps."""
+    """The default pass on the one-shot embedded pool and targets, in training steps."""
     model, tokenizer = load_model(config.model)
     splits = {
         "pool": (generate_tasks(num_per_cell=16, split="train"), 8),

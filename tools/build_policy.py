@@ -1,6 +1,8 @@
 """Build the embedded starting policy and print how well it does per task cell.
 
-``python tools/build_policy.py --out cropi_pl/assets/tiny-policy --seed 0``
+``python tools/build_policy.py --out cropi_pl/assets/tiny-policy --seed 0`` (one-shot arithmetic)
+``python tools/build_policy.py --tasks stepwise --steps 600 --out cropi_pl/assets/stepwise-policy``
+(the acceleration testbed: step-by-step solutions, see ``cropi_pl/tasks/stepwise.py``)
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from cropi_pl.policy.build import METADATA_FILE, PolicySpec, build_policy
+from cropi_pl.policy.build import METADATA_FILE, TASK_SUITES, PolicySpec, build_policy
 
 
 def main() -> None:
@@ -16,10 +18,34 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="folder to write the HF checkpoint to")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="SFT steps (default: built-in)")
+    parser.add_argument("--tasks", choices=sorted(TASK_SUITES), default="arithmetic")
+    parser.add_argument(
+        "--guess-fraction",
+        type=float,
+        default=0.0,
+        help="share of SFT solutions replaced by the bare answer (#### N)",
+    )
+    parser.add_argument(
+        "--final-lr-fraction",
+        type=float,
+        default=0.0,
+        help="the cosine SFT schedule ends at this fraction of the peak lr (3e-3)",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="for the measurement")
     parser.add_argument("--no-progress", action="store_true", help="hide the SFT progress bar")
     args = parser.parse_args()
     steps = {} if args.steps is None else {"sft_steps": args.steps}
-    out = build_policy(args.out, PolicySpec(), args.seed, progress=not args.no_progress, **steps)
+    out = build_policy(
+        args.out,
+        PolicySpec(),
+        args.seed,
+        progress=not args.no_progress,
+        tasks=args.tasks,
+        max_new_tokens=args.max_new_tokens,
+        guess_fraction=args.guess_fraction,
+        final_lr_fraction=args.final_lr_fraction,
+        **steps,
+    )
     meta = json.loads((out / METADATA_FILE).read_text())
     stats = meta["stats"]
     print(

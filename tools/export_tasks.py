@@ -21,7 +21,8 @@ from pathlib import Path
 
 import datasets
 
-from cropi_pl.tasks.arithmetic import DIFFICULTIES, FAMILIES, SPLITS, generate_tasks
+from cropi_pl.tasks.arithmetic import FAMILIES, generate_tasks
+from cropi_pl.tasks.generated import DIFFICULTIES, SPLITS
 from cropi_pl.tasks.words import WORD_FAMILIES, generate_word_problems
 
 TASKS = {"arithmetic": (FAMILIES, generate_tasks), "words": (WORD_FAMILIES, generate_word_problems)}

@@ -1,8 +1,9 @@
-"""The acceleration experiment: full-pool GRPO vs 10% subsets (random, pass rate, static influence,
-CROPI) on the embedded tasks, same batch size and step budget, several seeds (each one
-``seed_everything``, from which every other seed derives).
+"""The acceleration experiment: full-pool GRPO vs 10% subsets (random, pass rate, learnability,
+static influence, CROPI) on the embedded step-by-step tasks, same batch size, step budget and task
+mix, several seeds (each one ``seed_everything``, from which every other seed derives).
 
     python tools/reproduce_acceleration.py [--seeds 0 1 2] [--steps 45] [--val-every 5]
+    python tools/reproduce_acceleration.py --targets sub,cmp --key second_target
 
 For every method and seed it runs ``python -m cropi_pl fit`` on ``configs/cropi_tiny.yaml`` plus
 ``configs/method/<method>.yaml`` and reads TensorBoard. Reported per method:
@@ -11,13 +12,20 @@ For every method and seed it runs ``python -m cropi_pl fit`` on ``configs/cropi_
   seed), and the step acceleration ``full's steps to its best / method's steps``;
 - the same in wall-clock seconds of training, with trajectory collection (once per seed, charged
   in full to every method that needs it) and every selection pass counted; validation time is
-  excluded for all methods alike.
+  excluded for all methods alike;
+- full-pool's targeted gain (final minus starting accuracy) and every method's final untargeted
+  accuracy, each with its 95% interval (prompts as units, from ``val/<set>/accuracy_ci95``).
+``--targets fam1,fam2`` replaces the targeted families (influence targets and the targeted
+evaluation set; every other family of the pool is untargeted) without editing YAML; ``--key``
+writes the results under that key of the JSON (keeping the others) and names the plot after it.
 Writes ``results/acceleration.json`` and ``results/acceleration.png``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib
 import json
 import math
 import os
@@ -32,8 +40,18 @@ from typing import Any
 
 import yaml
 
+from cropi_pl.atomic import write_bytes_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("full", "random", "pass_rate", "static_influence", "cropi", "cropi_resample")
+METHODS = (
+    "full",
+    "random",
+    "pass_rate",
+    "learnability",
+    "static_influence",
+    "cropi",
+    "cropi_resample",
+)
 USES_TRAJECTORIES = {"pass_rate", "static_influence", "cropi", "cropi_resample", "learnability"}
 STEP_TIMES = ("time/generation_s", "time/reward_and_prep_s", "time/training_s")
 
@@ -51,14 +69,52 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
+def pool_families(data: dict[str, Any]) -> list[str]:
+    """The families of the pool source (its ``families`` argument, else every family its class
+    generates)."""
+    pool = data["pool"]
+    if pool["init_args"].get("families"):
+        return list(pool["init_args"]["families"])
+    module, name = pool["class_path"].rsplit(".", 1)
+    return list(getattr(importlib.import_module(module), name).generators)
+
+
+def targets_overlay(config: Path, targets: list[str]) -> dict[str, Any]:
+    """``data.init_args`` entries that make ``targets`` the targeted families: one influence
+    target per family and the targeted evaluation set over them, every other pool family in the
+    untargeted set; sources, splits and sizes stay those of ``config``."""
+    data = yaml.safe_load(config.read_text())["data"]["init_args"]
+    families = pool_families(data)
+    unknown = sorted(set(targets) - set(families))
+    if unknown or len(set(targets)) != len(targets) or len(targets) == len(families):
+        raise SystemExit(
+            f"--targets {','.join(targets)}: need distinct families of the pool {families} "
+            f"leaving at least one untargeted (unknown: {unknown})"
+        )
+    template = next(iter(data["targets"].values()))
+    evals = copy.deepcopy(data["eval_sets"])
+    evals["targeted"]["init_args"]["families"] = list(targets)
+    evals["untargeted"]["init_args"]["families"] = [f for f in families if f not in targets]
+    return {
+        "targets": {
+            f: {**template, "init_args": {**template["init_args"], "families": [f]}}
+            for f in targets
+        },
+        "eval_sets": evals,
+    }
+
+
 def config_args(
     method: str, run_dir: Path, cache_dir: Path, args: argparse.Namespace, seed: int
 ) -> list[str]:
     """``--config`` arguments of one run: the base config, the method's overlay, then a per-run
-    overlay (seed, step budget, no checkpoints or export, everything under ``run_dir``).
+    overlay (seed, step budget, targets, no checkpoints or export, everything under ``run_dir``).
 
     ``seed_everything`` is the run's one seed: sampling, trajectory, projection and selection
     seeds follow it, so each seed has its own trajectory cache (``cache_dir/seed<N>``)."""
+    data: dict[str, Any] = {"trajectories": {"cache_dir": str(cache_dir / f"seed{seed}")}}
+    if args.targets:
+        data.update(targets_overlay(ROOT / args.config, args.targets))
     config = {
         "seed_everything": seed,
         "trainer": {
@@ -70,7 +126,7 @@ def config_args(
         },
         "curriculum": {"init_args": {"stage_steps": args.stage_steps, "progress": False}},
         "export": {"folder": None},
-        "data": {"init_args": {"trajectories": {"cache_dir": str(cache_dir / f"seed{seed}")}}},
+        "data": {"init_args": data},
     }
     path = run_dir / "overlay.yaml"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -122,10 +178,25 @@ def first_reaching(points: dict[int, float], threshold: float) -> int | None:
     return next((s for s in sorted(points) if points[s] >= threshold - 1e-9), None)
 
 
+def interval(values: list[float], half_widths: list[float]) -> dict[str, Any]:
+    """Mean over seeds, per-seed values and each seed's 95% half-width."""
+    return {
+        "mean": statistics.mean(values),
+        "per_seed": values,
+        "ci95_half_width_per_seed": half_widths,
+    }
+
+
+def final(run: dict, kind: str) -> tuple[float, float]:
+    """The last validation's accuracy of ``kind`` and its 95% half-width."""
+    step = max(run[kind])
+    return run[kind][step], run[f"{kind}_ci95"].get(step, math.nan)
+
+
 def summarise(results: dict[str, dict[int, dict]], seeds: list[int]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for method, by_seed in results.items():
-        step_acc, wall_acc, steps_to, final_u, final_t = [], [], [], [], []
+        step_acc, wall_acc, steps_to = [], [], []
         for seed in seeds:
             r, full = by_seed[seed], results["full"][seed]
             best = max(full["targeted"].values())
@@ -140,16 +211,26 @@ def summarise(results: dict[str, dict[int, dict]], seeds: list[int]) -> dict[str
             else:
                 step_acc.append(0.0)
                 wall_acc.append(0.0)
-            final_u.append(r["untargeted"][max(r["untargeted"])])
-            final_t.append(r["targeted"][max(r["targeted"])])
+        finals = {k: [final(by_seed[s], k) for s in seeds] for k in ("targeted", "untargeted")}
+        gains = [
+            by_seed[s]["targeted"][max(by_seed[s]["targeted"])] - by_seed[s]["targeted"][0]
+            for s in seeds
+        ]
+        gain_ci = [
+            math.hypot(
+                final(by_seed[s], "targeted")[1], by_seed[s]["targeted_ci95"].get(0, math.nan)
+            )
+            for s in seeds
+        ]
         summary[method] = {
             "step_acceleration": statistics.median(step_acc),
             "wallclock_acceleration": statistics.median(wall_acc),
             "step_acceleration_per_seed": step_acc,
             "wallclock_acceleration_per_seed": wall_acc,
             "steps_to_full_best_per_seed": steps_to,
-            "final_targeted_mean": statistics.mean(final_t),
-            "final_untargeted_mean": statistics.mean(final_u),
+            "targeted_gain": interval(gains, gain_ci),
+            "final_targeted": interval(*map(list, zip(*finals["targeted"], strict=True))),
+            "final_untargeted": interval(*map(list, zip(*finals["untargeted"], strict=True))),
             "best_targeted_mean": statistics.mean(
                 max(by_seed[s]["targeted"].values()) for s in seeds
             ),
@@ -211,6 +292,18 @@ def main() -> None:
         "--jobs", type=int, default=2, help="runs in parallel (each with --threads threads)"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument(
+        "--targets",
+        type=lambda text: [f.strip() for f in text.split(",") if f.strip()],
+        default=None,
+        help="comma-separated targeted families (default: the config's, e.g. mul,mod)",
+    )
+    parser.add_argument(
+        "--key",
+        default=None,
+        help="write the results under this key of acceleration.json (e.g. second_target), "
+        "keeping what is there, and plot to acceleration_<key>.png",
+    )
     args = parser.parse_args()
     if "full" not in args.methods:
         raise SystemExit("--methods must include 'full': accelerations are relative to it")
@@ -222,20 +315,27 @@ def main() -> None:
     started = time.perf_counter()
 
     def validate_start(seed: int) -> dict[str, float]:
-        """Accuracy of the starting policy with this seed's evaluation samples (step 0)."""
+        """Accuracy (and its 95% half-width) of the starting policy with this seed's evaluation
+        samples (step 0)."""
         base_dir = runs / f"base-seed{seed}"
+        shutil.rmtree(base_dir, ignore_errors=True)
         configs = config_args("full", base_dir, cache, args, seed)
         cmd = [py, "-m", "cropi_pl", "validate", *configs]
         run(cmd, base_dir / "log.txt", args.threads)
         tags = scalars(base_dir)
-        return {k: tags[f"val/{k}/accuracy"][-1][1] for k in ("targeted", "untargeted")}
+        return {
+            f"{k}{suffix}": tags[f"val/{k}/accuracy{suffix}"][-1][1]
+            for k in ("targeted", "untargeted")
+            for suffix in ("", "_ci95")
+        }
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         bases = dict(zip(args.seeds, pool.map(validate_start, args.seeds), strict=True))
     for seed, b in bases.items():
         print(
-            f"starting policy, seed {seed}: targeted {b['targeted']:.3f}, "
-            f"untargeted {b['untargeted']:.3f}"
+            f"starting policy, seed {seed}: targeted {b['targeted']:.3f} "
+            f"+-{b['targeted_ci95']:.3f}, untargeted {b['untargeted']:.3f} "
+            f"+-{b['untargeted_ci95']:.3f}"
         )
     collection_s = dict.fromkeys(args.seeds, 0.0)
     if USES_TRAJECTORIES & set(args.methods):
@@ -263,8 +363,13 @@ def main() -> None:
         tags = scalars(run_dir)
         charged = collection_s[seed] if method in USES_TRAJECTORIES else 0.0
         result = {
-            "targeted": curve(tags, "val/targeted/accuracy", bases[seed]["targeted"]),
-            "untargeted": curve(tags, "val/untargeted/accuracy", bases[seed]["untargeted"]),
+            **{
+                f"{kind}{suffix}": curve(
+                    tags, f"val/{kind}/accuracy{suffix}", bases[seed][f"{kind}{suffix}"]
+                )
+                for kind in ("targeted", "untargeted")
+                for suffix in ("", "_ci95")
+            },
             "wall": train_seconds_by_step(run_dir, tags, charged, args.stage_steps),
             "process_seconds": seconds,
         }
@@ -290,13 +395,18 @@ def main() -> None:
     for method, s in summary.items():
         print(
             f"{method:17s} {s['step_acceleration']:9.2f} {s['wallclock_acceleration']:9.2f} "
-            f"{s['best_targeted_mean']:8.3f} {s['final_targeted_mean']:9.3f} "
-            f"{s['final_untargeted_mean']:11.3f}  {s['steps_to_full_best_per_seed']}"
+            f"{s['best_targeted_mean']:8.3f} {s['final_targeted']['mean']:9.3f} "
+            f"{s['final_untargeted']['mean']:11.3f}  {s['steps_to_full_best_per_seed']}"
         )
+    pick = ("step_acceleration", "wallclock_acceleration", "final_untargeted", "targeted_gain")
     report = {
-        "cropi": {
-            "step_acceleration": summary.get("cropi", {}).get("step_acceleration"),
-            "wallclock_acceleration": summary.get("cropi", {}).get("wallclock_acceleration"),
+        "seeds": args.seeds,
+        "targets": args.targets or "config",
+        **{
+            m: {k: summary[m][k] for k in pick}
+            | {f"{k}_per_seed": summary[m][f"{k}_per_seed"] for k in pick[:2]}
+            for m in ("full", "cropi")
+            if m in summary
         },
         "methods": summary,
         "base_accuracy": {str(k): v for k, v in bases.items()},
@@ -307,6 +417,7 @@ def main() -> None:
             "stage_steps": args.stage_steps,
             "val_every": args.val_every,
             "config": args.config,
+            "targets": args.targets,
         },
         "raw": {
             m: {
@@ -320,12 +431,18 @@ def main() -> None:
         },
         "total_seconds": time.perf_counter() - started,
     }
-    (out / "acceleration.json").write_text(json.dumps(report, indent=1))
-    plot(summary, out / "acceleration.png")
-    print(
-        f"\nwrote {out / 'acceleration.json'} and {out / 'acceleration.png'} "
-        f"in {report['total_seconds'] / 60:.1f} min"
-    )
+    path = out / "acceleration.json"
+    if args.key:
+        existing = json.loads(path.read_text()) if path.exists() else {}
+        existing[args.key] = report
+        report_file = existing
+    else:
+        previous = json.loads(path.read_text()) if path.exists() else {}
+        report_file = {**report, **{k: v for k, v in previous.items() if k == "second_target"}}
+    write_bytes_atomic(path, json.dumps(report_file, indent=1).encode())
+    figure = out / (f"acceleration_{args.key}.png" if args.key else "acceleration.png")
+    plot(summary, figure)
+    print(f"\nwrote {path} and {figure} in {report['total_seconds'] / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cropi_pl.generation import Completion, GenerationEngine, HFGenerateEngine
@@ -84,6 +84,13 @@ def _unique_names(names: list[str]) -> list[str]:
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
+
+
+def ci95_half_width(mean: Tensor, mean_square: Tensor, n: Tensor) -> Tensor:
+    """Half-width of the normal 95% interval of a mean of ``n`` per-prompt accuracies, from their
+    mean and mean square (prompts are the units: sampling noise and prompt mix both count)."""
+    variance = (mean_square - mean**2).clamp(min=0.0)
+    return 1.96 * torch.sqrt(variance / (n - 1).clamp(min=1.0))
 
 
 class GRPOModule(L.LightningModule):
@@ -707,6 +714,9 @@ class GRPOModule(L.LightningModule):
         families = dm.eval_families()
         self._eval_names = list(families)
         for name, names in families.items():
+            # Per-prompt second moment and count: the accuracy's 95% interval, prompts as units.
+            self.val_metrics[f"{name}__all__sq"] = MeanMetric()
+            self.val_metrics[f"{name}__all__n"] = SumMetric()
             for key in ["all", *names]:
                 self.val_metrics[f"{name}__{key}__acc"] = MeanMetric()
                 if self.hparams.eval_num_samples > 1:
@@ -722,18 +732,27 @@ class GRPOModule(L.LightningModule):
         name = self._eval_names[dataloader_idx]
         per_prompt = correct.view(-1, k)
         for i, row in enumerate(batch):
+            accuracy = per_prompt[i].mean()
+            self.val_metrics[f"{name}__all__sq"].update(accuracy**2)
+            self.val_metrics[f"{name}__all__n"].update(1.0)
             for key in ("all", row["family"]):
                 self.val_metrics[f"{name}__{key}__acc"].update(per_prompt[i].mean())
                 if k > 1:
                     self.val_metrics[f"{name}__{key}__pass"].update(per_prompt[i].max())
 
     def on_validation_epoch_end(self) -> None:
+        values = {}
         for key, metric in self.val_metrics.items():
-            value = metric.compute()  # collective under DDP/FSDP: every rank computes every key
+            values[key] = metric.compute()  # collective under DDP/FSDP: every rank computes all
             metric.reset()
-            if torch.isnan(value):
-                continue
+        for key, value in values.items():
             name, family, kind = key.split("__")
+            if torch.isnan(value) or kind == "n":
+                continue
+            if kind == "sq":
+                mean, n = values[f"{name}__all__acc"], values[f"{name}__all__n"]
+                self.log(f"val/{name}/accuracy_ci95", ci95_half_width(mean, value, n))
+                continue
             suffix = "accuracy" if kind == "acc" else f"pass@{self.hparams.eval_num_samples}"
             tag = f"val/{name}/{suffix}" if family == "all" else f"val/{name}/{family}/{suffix}"
             self.log(tag, value, prog_bar=family == "all")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 import time
 from collections import defaultdict
@@ -29,17 +30,24 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    get_cosine_schedule_with_warmup,
+    get_cosine_with_min_lr_schedule_with_warmup,
 )
 
 from cropi_pl.policy.embedded import EMBEDDED_GGUF, embedded_model_path
 from cropi_pl.policy.tokenizer import build_tokenizer
-from cropi_pl.tasks.arithmetic import generate_tasks
+from cropi_pl.tasks.arithmetic import SyntheticTasks
+from cropi_pl.tasks.generated import GeneratedTasks
+from cropi_pl.tasks.stepwise import StepwiseTasks
 
 EMBEDDED_PREFIX = "embedded:"
 # What the hub accepts as a repo id ("gpt2", "org/name"); any other missing path is a local one.
 HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 METADATA_FILE = "cropi_policy.json"
+# The task suites an embedded policy can be warm-started on (``tools/build_policy.py --tasks``).
+TASK_SUITES: dict[str, type[GeneratedTasks]] = {
+    "arithmetic": SyntheticTasks,
+    "stepwise": StepwiseTasks,
+}
 ANSWER_PATTERN = re.compile(r"####\s*(-?\d+)")
 PASS_RATE_BUCKETS = ("0", "(0,0.25]", "(0.25,0.5]", "(0.5,0.75]", "(0.75,1)", "1")
 
@@ -85,6 +93,28 @@ def extract_answer(completion: str) -> str | None:
     return match.group(1) if match else None
 
 
+def with_guesses(tasks: datasets.Dataset, fraction: float, seed: int) -> datasets.Dataset:
+    """``tasks`` with the worked solution of a seeded ``fraction`` of rows replaced by the bare
+    answer (``#### 282``).
+
+    A policy warm-started on this mix sometimes works the steps and sometimes guesses in one go,
+    as pretrained models sometimes reason and sometimes answer outright; guesses fail on all
+    but the easiest problems, so RL has a transferable skill to learn (work the steps), which
+    a policy that always works them, and only slips, does not offer.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"guess fraction must be in [0, 1), got {fraction}")
+    if fraction == 0.0:
+        return tasks
+    rng = random.Random(f"guesses-{seed}")
+    guessed = [rng.random() < fraction for _ in range(len(tasks))]
+    solutions = [
+        f"#### {answer}" if guess else solution
+        for guess, answer, solution in zip(guessed, tasks["answer"], tasks["solution"], strict=True)
+    ]
+    return tasks.remove_columns("solution").add_column("solution", solutions)
+
+
 def _encode_sft(
     tokenizer: PreTrainedTokenizerBase, tasks: datasets.Dataset
 ) -> list[tuple[list[int], int]]:
@@ -119,14 +149,18 @@ def supervised_finetune(
     lr: float,
     seed: int,
     progress: bool = True,
+    min_lr_rate: float = 0.0,
 ) -> list[float]:
-    """AdamW + warmup/cosine SFT over seeded epoch permutations; returns the per-step losses.
+    """AdamW + warmup/cosine SFT (down to ``min_lr_rate * lr``) over seeded epoch permutations;
+    returns the per-step losses.
 
     Batches are random, not grouped by length: that would halve the padding but make each
     batch one task family (lengths differ by family), which ruined SFT here (loss 0.66 vs 0.17).
     """
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, max(1, steps // 20), steps, min_lr_rate=min_lr_rate
+    )
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
     losses = []
@@ -217,12 +251,16 @@ def measure(
     eval_per_cell: int,
     num_samples: int,
     seed: int,
+    suite: type[GeneratedTasks] = SyntheticTasks,
+    max_new_tokens: int = 64,
 ) -> dict:
     """Greedy accuracy per cell and the sampled (T=1) pass-rate spread on the validation split."""
-    tasks = generate_tasks(split="validation", num_per_cell=eval_per_cell, seed=seed)
-    greedy = pass_rates(model, tokenizer, tasks)
+    tasks = suite(split="validation", num_per_cell=eval_per_cell, seed=seed).load()
+    greedy = pass_rates(model, tokenizer, tasks, max_new_tokens=max_new_tokens)
     torch.manual_seed(seed)
-    sampled = pass_rates(model, tokenizer, tasks, num_samples=num_samples, temperature=1.0)
+    sampled = pass_rates(
+        model, tokenizer, tasks, num_samples, temperature=1.0, max_new_tokens=max_new_tokens
+    )
     histogram = pass_rate_histogram(sampled)
     return {
         "validation_prompts": len(tasks),
@@ -247,20 +285,31 @@ def build_policy(
     eval_per_cell: int = 10,
     num_samples: int = 8,
     progress: bool = True,
+    tasks: str = "arithmetic",
+    max_new_tokens: int = 64,
+    guess_fraction: float = 0.0,
+    final_lr_fraction: float = 0.0,
 ) -> Path:
-    """Initialise a Llama from ``spec`` and ``seed``, SFT it, measure it and save it to ``out_dir``.
+    """Initialise a Llama from ``spec`` and ``seed``, SFT it on the worked solutions of the
+    ``tasks`` suite (:data:`TASK_SUITES`), ``guess_fraction`` of them replaced by the bare
+    answer (:func:`with_guesses`), with a cosine schedule ending at ``final_lr_fraction * lr``,
+    measure it and save it to ``out_dir``.
 
     Deterministic on CPU for a given seed (fixed thread count, seeded init and data order).
     ``eval_per_cell=0`` skips the validation measurement (``stats`` is then null).
     """
     if sft_steps < 1 or batch_size < 1:
         raise ValueError(f"sft_steps and batch_size must be >= 1, got {sft_steps=}, {batch_size=}")
+    if tasks not in TASK_SUITES:
+        raise ValueError(f"tasks must be one of {sorted(TASK_SUITES)}, got {tasks!r}")
+    suite = TASK_SUITES[tasks]
     start = time.perf_counter()
     torch.set_num_threads(2)
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
     model = LlamaForCausalLM(spec.config(tokenizer))
-    train = generate_tasks(split="train", num_per_cell=train_per_cell, seed=seed)
+    train = suite(split="train", num_per_cell=train_per_cell, seed=seed).load()
+    train = with_guesses(train, guess_fraction, seed)
     losses = supervised_finetune(
         model,
         _encode_sft(tokenizer, train),
@@ -270,9 +319,14 @@ def build_policy(
         lr,
         seed,
         progress,
+        final_lr_fraction,
     )
     sft_seconds = time.perf_counter() - start
-    stats = measure(model, tokenizer, eval_per_cell, num_samples, seed) if eval_per_cell else None
+    stats = (
+        measure(model, tokenizer, eval_per_cell, num_samples, seed, suite, max_new_tokens)
+        if eval_per_cell
+        else None
+    )
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -284,6 +338,9 @@ def build_policy(
     tokenizer.save_pretrained(out)
     metadata = {
         "spec": asdict(spec),
+        "tasks": tasks,
+        "guess_fraction": guess_fraction,
+        "final_lr_fraction": final_lr_fraction,
         "seed": seed,
         "sft_steps": sft_steps,
         "batch_size": batch_size,
@@ -325,7 +382,8 @@ def resolve_model_path(name_or_path: str) -> str:
 
     A missing local path is refused (:func:`check_model_name`).
 
-    ``embedded:tiny`` is the shipped ``tiny-policy`` folder; ``embedded:<name>`` for a name in
+    ``embedded:tiny`` and ``embedded:stepwise`` are the shipped ``tiny-policy`` and
+    ``stepwise-policy`` folders; ``embedded:<name>`` for a name in
     :data:`~cropi_pl.policy.embedded.EMBEDDED_GGUF` (``smollm2-135m-instruct``) is converted from
     its GGUF package into the user cache on first use.
     """
@@ -337,7 +395,7 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(embedded_model_path(name))
     path = embedded_policy_path(f"{name}-policy")
     if not (path / "config.json").is_file():
-        known = ", ".join(f"{EMBEDDED_PREFIX}{n}" for n in ["tiny", *EMBEDDED_GGUF])
+        known = ", ".join(f"{EMBEDDED_PREFIX}{n}" for n in ["tiny", "stepwise", *EMBEDDED_GGUF])
         raise FileNotFoundError(
             f"embedded policy {name_or_path!r} not found at {path} (known: {known}); build the "
             f"shipped one with `python tools/build_policy.py --out {path}`"

@@ -6,7 +6,7 @@ pretrained chat model such as SmolLM2-135M-Instruct reads English. These are one
 and not others, at four difficulties by the size of the numbers: at difficulty 1 every operand is
 below 10 (what a 135M model can sometimes get right), at 4 they have two or three digits.
 
-Rows are those of :func:`~cropi_pl.tasks.arithmetic.generate_problems` (same columns, same
+Rows are those of :func:`~cropi_pl.tasks.generated.generate_problems` (same columns, same
 hash-based train/validation/test split); the prompt is the bare question, so the instruction
 (e.g. "put the answer in \\boxed{}") belongs to the model's system prompt, and ``solution`` is
 a GSM8K-style reference (``"4 + 3 = 7 #### 7"``) that ``tools/export_tasks.py --gsm8k`` writes as
@@ -20,8 +20,7 @@ from collections.abc import Callable
 
 import datasets
 
-from cropi_pl.tasks.arithmetic import DIFFICULTIES, Problem, generate_problems
-from cropi_pl.tasks.source import PromptSource
+from cropi_pl.tasks.generated import DIFFICULTIES, GeneratedTasks, Problem, generate_problems
 
 WORD_FAMILIES = ("add", "sub", "cmp", "mul", "div")
 NAMES = ("Mia", "Tom", "Ava", "Leo", "Zoe", "Sam", "Lily", "Ben")
@@ -114,28 +113,9 @@ def generate_word_problems(
     )
 
 
-class WordProblems(PromptSource):
+class WordProblems(GeneratedTasks):
     """A prompt source of generated word problems, configurable from YAML."""
 
-    def __init__(
-        self,
-        families: list[str] | None = None,
-        difficulties: list[int] | None = None,
-        num_per_cell: int = 50,
-        split: str = "train",
-        seed: int = 0,
-    ) -> None:
-        self.families = list(families or WORD_FAMILIES)
-        self.difficulties = list(difficulties or DIFFICULTIES)
-        self.num_per_cell = num_per_cell
-        self.split = split
-        self.seed = seed
-
-    def load(self) -> datasets.Dataset:
-        return generate_word_problems(
-            self.families, self.difficulties, self.num_per_cell, self.split, self.seed
-        )
-
-    def fingerprint(self) -> str:
-        cells = f"{self.families}:{self.difficulties}:{self.num_per_cell}"
-        return f"words:{cells}:{self.split}:{self.seed}"
+    generators = WORD_GENERATORS
+    template = "{question}"
+    kind = "words"
