@@ -39,17 +39,24 @@ def _digits(value: int, width: int) -> list[int]:
     return [(value // 10**i) % 10 for i in range(width)]
 
 
+def _carrying(columns: list[tuple[str, int]]) -> tuple[str, int]:
+    """Right-to-left columns ``(text, value)``: each adds the previous column's carry
+    (``+c``), then writes its last digit before the answer built so far (the last column writes
+    its whole value)."""
+    carry, built, steps = 0, "", []
+    for i, (text, value) in enumerate(columns):
+        total = value + carry
+        built = (str(total) if i == len(columns) - 1 else str(total % 10)) + built
+        steps.append(f"{text}{f'+{carry}' if carry else ''}={total}|{built}")
+        carry = total // 10
+    return " ".join(steps), int(built)
+
+
 def add_steps(a: int, b: int) -> tuple[str, int]:
     """Column addition of two numbers with the same number of digits."""
     width = len(str(max(a, b)))
-    carry, built, steps = 0, "", []
-    for i, (x, y) in enumerate(zip(_digits(a, width), _digits(b, width), strict=True)):
-        total = x + y + carry
-        last = i == width - 1
-        built = (str(total) if last else str(total % 10)) + built
-        steps.append(f"{x}+{y}{'+1' if carry else ''}={total}|{built}")
-        carry = total // 10
-    return " ".join(steps), int(built)
+    pairs = zip(_digits(a, width), _digits(b, width), strict=True)
+    return _carrying([(f"{x}+{y}", x + y) for x, y in pairs])
 
 
 def sub_steps(a: int, b: int) -> tuple[str, int]:
@@ -67,15 +74,7 @@ def sub_steps(a: int, b: int) -> tuple[str, int]:
 
 def mul_steps(a: int, b: int) -> tuple[str, int]:
     """Long multiplication of ``a`` by a one-digit ``b``, carrying into the next digit."""
-    width = len(str(a))
-    carry, built, steps = 0, "", []
-    for i, x in enumerate(_digits(a, width)):
-        product = x * b + carry
-        last = i == width - 1
-        built = (str(product) if last else str(product % 10)) + built
-        steps.append(f"{x}*{b}{f'+{carry}' if carry else ''}={product}|{built}")
-        carry = product // 10
-    return " ".join(steps), int(built)
+    return _carrying([(f"{x}*{b}", x * b) for x in _digits(a, len(str(a)))])
 
 
 def mod_steps(a: int, b: int) -> tuple[str, int]:
