@@ -212,16 +212,13 @@ def summarise(results: dict[str, dict[int, dict]], seeds: list[int]) -> dict[str
                 step_acc.append(0.0)
                 wall_acc.append(0.0)
         finals = {k: [final(by_seed[s], k) for s in seeds] for k in ("targeted", "untargeted")}
-        gains = [
-            by_seed[s]["targeted"][max(by_seed[s]["targeted"])] - by_seed[s]["targeted"][0]
-            for s in seeds
+        # gain = final - start; the two measurements' half-widths add in quadrature
+        starts = [
+            (by_seed[s]["targeted"][0], by_seed[s]["targeted_ci95"].get(0, math.nan)) for s in seeds
         ]
-        gain_ci = [
-            math.hypot(
-                final(by_seed[s], "targeted")[1], by_seed[s]["targeted_ci95"].get(0, math.nan)
-            )
-            for s in seeds
-        ]
+        pairs = list(zip(finals["targeted"], starts, strict=True))
+        gains = [end - begin for (end, _), (begin, _) in pairs]
+        gain_ci = [math.hypot(end_hw, begin_hw) for (_, end_hw), (_, begin_hw) in pairs]
         summary[method] = {
             "step_acceleration": statistics.median(step_acc),
             "wallclock_acceleration": statistics.median(wall_acc),
@@ -432,13 +429,12 @@ def main() -> None:
         "total_seconds": time.perf_counter() - started,
     }
     path = out / "acceleration.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
     if args.key:
-        existing = json.loads(path.read_text()) if path.exists() else {}
-        existing[args.key] = report
-        report_file = existing
-    else:
-        previous = json.loads(path.read_text()) if path.exists() else {}
-        report_file = {**report, **{k: v for k, v in previous.items() if k == "second_target"}}
+        report_file = {**previous, args.key: report}
+    else:  # a new main run replaces the old one but keeps the keyed runs (whole reports)
+        keyed = {k: v for k, v in previous.items() if isinstance(v, dict) and "methods" in v}
+        report_file = {**report, **keyed}
     write_bytes_atomic(path, json.dumps(report_file, indent=1).encode())
     figure = out / (f"acceleration_{args.key}.png" if args.key else "acceleration.png")
     plot(summary, figure)

@@ -736,7 +736,7 @@ class GRPOModule(L.LightningModule):
             self.val_metrics[f"{name}__all__sq"].update(accuracy**2)
             self.val_metrics[f"{name}__all__n"].update(1.0)
             for key in ("all", row["family"]):
-                self.val_metrics[f"{name}__{key}__acc"].update(per_prompt[i].mean())
+                self.val_metrics[f"{name}__{key}__acc"].update(accuracy)
                 if k > 1:
                     self.val_metrics[f"{name}__{key}__pass"].update(per_prompt[i].max())
 
