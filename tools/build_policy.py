@@ -1,8 +1,9 @@
 """Build the embedded starting policy and print how well it does per task cell.
 
 ``python tools/build_policy.py --out cropi_pl/assets/tiny-policy --seed 0`` (one-shot arithmetic)
-``python tools/build_policy.py --tasks stepwise --steps 600 --out cropi_pl/assets/stepwise-policy``
-(the acceleration testbed: step-by-step solutions, see ``cropi_pl/tasks/stepwise.py``)
+``python tools/build_policy.py --tasks stepwise --steps 800 --guess-fraction 0.25
+--max-new-tokens 72 --out cropi_pl/assets/stepwise-policy`` (the acceleration testbed:
+step-by-step solutions, a quarter of them bare answers; see ``cropi_pl/tasks/stepwise.py``)
 """
 
 from __future__ import annotations
