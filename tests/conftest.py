@@ -1,5 +1,5 @@
-"""Tiny CLI runs shared by every test module: each is fitted once per test session (the real
-CLI in this process), and tests only read them."""
+"""Tiny CLI runs shared by every test module: each is fitted once per test session (once per
+pytest-xdist worker that needs it; the real CLI in this process), and tests only read them."""
 
 from __future__ import annotations
 

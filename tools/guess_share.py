@@ -16,7 +16,7 @@ import argparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from cropi_pl.policy.build import extract_answer, resolve_model_path
+from cropi_pl.policy.build import completions, extract_answer, resolve_model_path
 from cropi_pl.policy.export import module_from_checkpoint
 from cropi_pl.tasks.stepwise import STEPWISE_FAMILIES, StepwiseTasks
 
@@ -45,27 +45,12 @@ def modes(
     tasks = StepwiseTasks(families=families, split="test", num_per_cell=args.per_cell).load()
     torch.manual_seed(args.seed)
     counts = {"guess": [0, 0], "steps": [0, 0]}  # mode -> [samples, right]
-    for start in range(0, len(tasks), 64):
-        rows = tasks[start : start + 64]
-        batch = tokenizer(rows["prompt"], return_tensors="pt", padding=True, padding_side="left")
-        out = policy.generate(
-            **batch,
-            max_new_tokens=args.max_new_tokens,
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            num_return_sequences=args.samples,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        texts = tokenizer.batch_decode(
-            out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
-        )
-        for i, text in enumerate(texts):
+    samples = completions(policy, tokenizer, tasks, args.samples, 1.0, args.max_new_tokens)
+    for texts, answer in zip(samples, tasks["answer"], strict=True):
+        for text in texts:
             mode = counts["guess" if text.lstrip().startswith(GUESS_PREFIX) else "steps"]
             mode[0] += 1
-            mode[1] += extract_answer(text) == rows["answer"][i // args.samples]
+            mode[1] += extract_answer(text) == answer
     total = counts["guess"][0] + counts["steps"][0]
     return {
         "samples": total,

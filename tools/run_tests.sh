@@ -14,8 +14,8 @@ start=$SECONDS
 venv=$(bash tools/vllm_venv.sh)
 echo "run_tests: vLLM environment $venv ready in $((SECONDS - start))s"
 start=$SECONDS
-# Only the vLLM test files are collected there, in one process (-o addopts=): that environment
-# lacks the default suite's extras, pytest-xdist included.
+# Only the vLLM test files are collected there (that environment lacks the default suite's
+# extras), in one process (-o addopts=): each of them starts a vLLM engine.
 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$venv/bin/python" -m pytest -q -x -m vllm -o addopts= \
     --durations=15 tests/test_vllm*.py
 echo "run_tests: vLLM tests passed in $((SECONDS - start))s"

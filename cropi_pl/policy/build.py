@@ -182,7 +182,7 @@ def supervised_finetune(
 
 
 @torch.no_grad()
-def pass_rates(
+def completions(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     tasks: datasets.Dataset,
@@ -190,8 +190,8 @@ def pass_rates(
     temperature: float | None = None,
     max_new_tokens: int = 64,
     prompts_per_batch: int = 64,
-) -> list[float]:
-    """Fraction of ``num_samples`` completions per prompt whose answer matches exactly.
+) -> list[list[str]]:
+    """``num_samples`` completions per prompt, left-padded batches of ``prompts_per_batch``.
 
     ``temperature=None`` decodes greedily (then ``num_samples`` must be 1); otherwise samples
     from the torch global RNG, so seed it first for reproducible numbers.
@@ -203,10 +203,10 @@ def pass_rates(
         if temperature is None
         else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
     )
-    rates = []
+    out: list[list[str]] = []
     for start in range(0, len(tasks), prompts_per_batch):
-        rows = tasks[start : start + prompts_per_batch]
-        batch = tokenizer(rows["prompt"], return_tensors="pt", padding=True, padding_side="left")
+        prompts = tasks[start : start + prompts_per_batch]["prompt"]
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
         output = model.generate(
             **batch,
             max_new_tokens=max_new_tokens,
@@ -218,10 +218,28 @@ def pass_rates(
         texts = tokenizer.batch_decode(
             output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
         )
-        for i, answer in enumerate(rows["answer"]):
-            samples = texts[i * num_samples : (i + 1) * num_samples]
-            rates.append(sum(extract_answer(t) == answer for t in samples) / num_samples)
-    return rates
+        out.extend(texts[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts)))
+    return out
+
+
+def pass_rates(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: datasets.Dataset,
+    num_samples: int = 1,
+    temperature: float | None = None,
+    max_new_tokens: int = 64,
+    prompts_per_batch: int = 64,
+) -> list[float]:
+    """Fraction of ``num_samples`` completions per prompt (see :func:`completions`) whose
+    answer matches exactly."""
+    samples = completions(
+        model, tokenizer, tasks, num_samples, temperature, max_new_tokens, prompts_per_batch
+    )
+    return [
+        sum(extract_answer(t) == answer for t in texts) / num_samples
+        for texts, answer in zip(samples, tasks["answer"], strict=True)
+    ]
 
 
 def per_cell_mean(tasks: datasets.Dataset, values: Sequence[float]) -> dict[str, dict[str, float]]:
