@@ -176,6 +176,11 @@ def test_tiny_end_to_end_run(tmp_path):
     result = json.loads(out.read_text())
     assert result["eligible_prompts"] == result["embedded"]["eligible_prompts"] > 0
     assert 0 <= result["precision_at_10pct"] <= 1 and result["gemm_fraction_of_peak"] > 0
+    roofline = result["embedded"]["roofline"]
+    assert roofline["mean_block_tokens"] > 0 and roofline["model_shape_gemm_flops"] > 0
+    assert roofline["fraction_of_model_shape_gemm"] == pytest.approx(
+        roofline["achieved_flops"] / roofline["model_shape_gemm_flops"]
+    )
     names = [r["name"] for r in result["embedded"]["rows"]]
     assert names[0] == "countsketch k=16" and any(n.startswith("factorised") for n in names)
     smol = result["smollm2"]
@@ -187,3 +192,32 @@ def test_tiny_end_to_end_run(tmp_path):
     config = bench.BenchConfig(sections=(), dims=(16,), default_dim=16)
     again = bench.run(config, result)  # --update: sections not run now are kept
     assert again["smollm2"] == smol and again["embedded"] == result["embedded"]
+
+
+def test_selection_section_runs_the_config(tmp_path):
+    """The selection section fits a config (here the 3-stage test curriculum, 3 steps), prices
+    its first pass in that run's steps, and scores each option against exact cosines."""
+    out = tmp_path / "bench.json"
+    config = Path(__file__).parent / "configs" / "cropi_test.yaml"
+    argv = [
+        "--sections", "selection", "--selection-config", str(config), "--train-steps", "2",
+        "--threads", "1", "--out", str(out),
+    ]  # fmt: skip
+    assert bench.main(argv) == 0
+    section = json.loads(out.read_text())["selection"]
+    assert section["train_steps_timed"] == 2 and section["train_step_seconds"] > 0
+    assert section["step_equivalents"] == pytest.approx(
+        section["fit_pass_seconds"] / section["train_step_seconds"]
+    )
+    assert section["fit_selection_seconds_with_collection"] > section["fit_pass_seconds"] > 0
+    assert 0 < section["eligible_prompts"] <= section["pool_prompts"] == 16
+    sketches = {f"k={k}, sketch seed {s}" for k in (256, 1024) for s in (1, 2, 3)}
+    assert set(section["options"]) == {
+        "config", "K'=4", "last layer + head", "hooks, 8 prompts per batch", *sketches
+    }  # fmt: skip
+    for option in section["options"].values():
+        assert set(option["agreement_precision_at_10pct"]) == {"mul"}
+        assert 0 <= option["agreement_precision_at_10pct"]["mul"] <= 1
+    # hooks computes the same gradients as the loop: same scores, hence the same agreement
+    hooks = section["options"]["hooks, 8 prompts per batch"]["agreement_precision_at_10pct"]
+    assert hooks == section["agreement_precision_at_10pct"]

@@ -5,7 +5,7 @@ Workloads (sampled once through the product's trajectory cache; ``--cache-dir`` 
 * embedded: the embedded policy (``embedded:tiny``) on a pool of ``--pool-size`` arithmetic
   training prompts (K = 8 responses, T = 0.5) and a mul+mod validation target set (K = 16).
 * smollm2: SmolLM2-135M-Instruct (``embedded:smollm2-135m-instruct``, a real pretrained model) on
-  GSM8K-style word and arithmetic questions in its chat format: pool of ``--smol-pool`` easy
+  GSM8K-style word problems in its chat format: pool of ``--smol-pool`` easy
   train prompts, word-problem validation targets. K and the completion budget are small so that
   a whole run fits about 30 minutes of a shared 2-core CPU (see ``BenchConfig``).
 
@@ -22,11 +22,14 @@ norm and the head), fewer responses per prompt, bf16 autocast, the "hooks" metho
 factorised (LoGra-style) path. The default is the fastest option that keeps precision@10% >= 0.9.
 Roofline: the machine's fp32 matmul throughput (square GEMMs, same thread count) against the
 achieved FLOP/s of the default influence pass, counting 6 * (non-embedding parameters) FLOPs per
-token (forward 2, backward 4) plus the head's share. Selection pass: the default pass over the
-one-shot embedded pool and targets (448 prompts, ``mul``/``mod`` targets: what
-``configs/cropi_tiny.yaml`` held before it moved to the step-by-step testbed; all K stored
-responses) divided by the time of one
-GRPO training step at that config's batch (``tools/bench_grpo.py``'s runner).
+token (forward 2, backward 4) plus the head's share.
+
+Selection section. ``fit`` runs ``--selection-config`` (``configs/cropi_tiny.yaml``, the README's
+main command: the step-by-step testbed and its warm-started policy) for ``--train-steps`` + 1
+steps; the first stage's selection pass (as the run logs it) is divided by the run's median
+training step. Cheaper variants of the config's scorer then score the same cached trajectories
+with the same policy, each timed and compared with exact scores (agreement = precision@10% per
+target).
 
 SmolLM2 section. One forward/backward per eligible prompt through hooks (``hooked_backward``)
 yields, from the same captured layer inputs and output gradients, the exact full gradient
@@ -52,6 +55,7 @@ import math
 import os
 import random
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -61,7 +65,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import bench_grpo
 import torch
 from benchlib import machine_info
 from torch import Tensor, nn
@@ -103,24 +106,30 @@ class BenchConfig:
     temperature: float = 0.5
     max_new_tokens: int = 48
     dims: tuple[int, ...] = (512, 2048, 8192)
-    default_dim: int = 2048
+    default_dim: int = 8192  # configs/cropi_tiny.yaml's projection
     subset_filter: str = r"layers\.(\d+)\.mlp|norm\.weight|lm_head"  # overwritten per model
     fewer_responses: int = 4
     smol_model: str = "embedded:smollm2-135m-instruct"
-    smol_pool: int = 200
-    smol_targets: int = 16
+    smol_pool: int = 260
+    smol_pool_families: tuple[str, ...] = ("word",)
+    smol_pool_difficulties: tuple[int, ...] = (1,)
+    smol_targets: int = 24
+    smol_target_families: tuple[str, ...] = ("word",)
+    smol_target_difficulties: tuple[int, ...] = (1, 2)
     smol_samples: int = 4
     smol_target_samples: int = 8
     smol_temperature: float = 0.7
-    smol_max_new_tokens: int = 16
+    smol_max_new_tokens: int = 32
     smol_dim: int = 8192
     smol_timed: int = 6
     reference_slice: int = 1 << 15  # a (slice, k) fp32 matrix: 1 GiB at k = 8192
     bootstrap: int = 1000
     train_steps: int = 4
+    selection_config: str = "configs/cropi_tiny.yaml"
+    selection_overrides: tuple[str, ...] = ()  # --key=value CLI arguments, comma-separated
     threads: int = 2
     seed: int = 0
-    smol_max_eligible: int = 100
+    smol_max_eligible: int = 120
     skip_options: tuple[str, ...] = ()  # embedded options whose name contains one of these
     sections: tuple[str, ...] = ("embedded", "selection", "smollm2")
     update: bool = False
@@ -315,17 +324,31 @@ def embedded_workload(model: nn.Module, tokenizer: Any, config: BenchConfig) -> 
 
 
 def smol_workload(model: nn.Module, tokenizer: Any, config: BenchConfig) -> Workload:
-    """GSM8K-style questions SmolLM2-135M sometimes solves (one-step word problems and sums)."""
+    """GSM8K-style questions SmolLM2-135M sometimes solves. Defaults: one-step word problems,
+    whose answers need about 32 tokens of its chatter (at 16 tokens 30% of them had mixed
+    rewards at K = 4, at 32 tokens 56%; two-digit sums and differences: 0-3%)."""
     got = collect(
         model,
         tokenizer,
         {
             "pool": (
-                _rows(("word", "add", "sub"), (1, 2), "train", config.smol_pool, config.seed),
+                _rows(
+                    config.smol_pool_families,
+                    config.smol_pool_difficulties,
+                    "train",
+                    config.smol_pool,
+                    config.seed,
+                ),
                 config.smol_samples,
             ),
             "target": (
-                _rows(("word",), (1, 2), "validation", config.smol_targets, config.seed),
+                _rows(
+                    config.smol_target_families,
+                    config.smol_target_difficulties,
+                    "validation",
+                    config.smol_targets,
+                    config.seed,
+                ),
                 config.smol_target_samples,
             ),
         },
@@ -380,6 +403,8 @@ def combined_pass(
                 flat = {k: v[0].reshape(-1) for k, v in grads.grads_from_calls(calls, 1).items()}
                 seconds += time.perf_counter() - start
                 count += 1
+                if count % 10 == 0:
+                    print(f"exact pass: {count} prompts, {seconds / count:.1f} s each", flush=True)
                 vectors = {}
                 for name, (projector, offset) in projectors.items():
                     state = projector.begin(1)
@@ -538,6 +563,35 @@ def gemm_peak(threads: int, size: int = 1024, repeats: int = 10) -> float:
     return 2 * size**3 / best
 
 
+def model_gemm_rate(model: nn.Module, tokens: int, repeats: int = 5) -> float:
+    """Best fp32 FLOP/s of the matmuls one forward/backward of ``tokens`` rows through the
+    model's linear layers runs (input @ W^T, grad @ W, grad^T @ input): the ceiling that the
+    layer shapes, not the machine, set for the per-prompt loop."""
+    flops, seconds = 0.0, 0.0
+    for shape in sorted({m.weight.shape for m in model.modules() if isinstance(m, nn.Linear)}):
+        out_features, in_features = shape
+        x, w = torch.randn(tokens, in_features), torch.randn(out_features, in_features)
+        g = torch.randn(tokens, out_features)
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(x, w.t()), torch.mm(g, w), torch.mm(g.t(), x)
+            best = min(best, time.perf_counter() - start)
+        flops += 3 * 2 * tokens * in_features * out_features
+        seconds += best
+    return flops / seconds
+
+
+def mean_block_tokens(trajs: Sequence[PromptTrajectories]) -> int:
+    """Mean K x T rows of the eligible prompts' padded blocks (one loop backward each)."""
+    sizes = [
+        len(trajs[i].completion_ids)
+        * (len(trajs[i].prompt_ids) + max(map(len, trajs[i].completion_ids)))
+        for i in eligible(trajs)
+    ]
+    return round(sum(sizes) / len(sizes))
+
+
 def pass_flops(model: nn.Module, trajs: Sequence[PromptTrajectories]) -> float:
     """Forward (2) + backward (4) FLOPs per token and linear weight, over the eligible prompts'
     padded (K, T) blocks as the loop computes them (attention scores are left out)."""
@@ -565,6 +619,8 @@ def embedded_section(config: BenchConfig) -> dict[str, Any]:
     )
     sketch_row = next(r for r in rows if r.name == f"countsketch k={config.default_dim}")
     peak = gemm_peak(config.threads)
+    block = mean_block_tokens(work.pool)
+    shape_rate = model_gemm_rate(model, block)
     flops = pass_flops(model, work.pool) + pass_flops(model, work.targets)
     achieved = flops / sketch_row.extra["seconds"]
     return {
@@ -584,6 +640,10 @@ def embedded_section(config: BenchConfig) -> dict[str, Any]:
             "influence_pass_seconds": sketch_row.extra["seconds"],
             "achieved_flops": achieved,
             "fraction_of_peak": achieved / peak,
+            "mean_block_tokens": block,
+            "model_shape_gemm_flops": shape_rate,
+            "model_shape_gemm_fraction_of_peak": shape_rate / peak,
+            "fraction_of_model_shape_gemm": achieved / shape_rate,
             "counted": "6 FLOPs per token and linear weight (forward 2, backward 4), padded "
             "(K, T) blocks of the eligible pool and target prompts, countsketch k=default "
             "row (loop method), attention scores not counted",
@@ -591,53 +651,108 @@ def embedded_section(config: BenchConfig) -> dict[str, Any]:
     }
 
 
-def selection_section(config: BenchConfig, scorer: InfluenceScorer) -> dict[str, Any]:
-    """The default pass on the one-shot embedded pool and targets, in training steps."""
-    model, tokenizer = load_model(config.model)
-    splits = {
-        "pool": (generate_tasks(num_per_cell=16, split="train"), 8),
-        "target/mul": (generate_tasks(("mul",), num_per_cell=10, split="validation"), 16),
-        "target/mod": (generate_tasks(("mod",), num_per_cell=10, split="validation"), 16),
+def selection_section(config: BenchConfig) -> dict[str, Any]:
+    """The first stage's influence pass of ``--selection-config`` (``configs/cropi_tiny.yaml``)
+    in that run's own training steps, and each cost option's agreement with exact scores.
+
+    A ``fit`` of ``train_steps`` + 1 steps runs the config as the README's main command does; its
+    ``selections/stage-000.metrics.json`` gives the pass seconds and its TensorBoard step times
+    the step (the median after the first). The options then score the same cached trajectories
+    with the initial policy (what stage 0 scored), timed, and are compared per target with exact
+    cosines by precision@10% (``agreement``). Stage 0's selection seconds also hold the first
+    trajectory collection, so the pass is priced by the run's ``influence_seconds``."""
+    from reproduce_acceleration import STEP_TIMES, scalars
+
+    from cropi_pl.cli import main as cli_main
+    from cropi_pl.curriculum.callback import CurriculumCallback
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = [
+            "--config", config.selection_config, "--trainer.default_root_dir", tmp,
+            "--trainer.max_steps", str(config.train_steps + 1), *config.selection_overrides,
+        ]  # fmt: skip
+        cli_main(["fit", *args])
+        run = Path(tmp)
+        metrics = json.loads((run / "selections" / "stage-000.metrics.json").read_text())
+        per_step: dict[int, float] = {}
+        for tag in STEP_TIMES:
+            for step, value in scalars(run).get(tag, []):
+                per_step[step] = per_step.get(step, 0.0) + value
+        step_s = statistics.median(v for s, v in per_step.items() if s > 0)
+        cli = cli_main(args, run=False)
+        module, data = cli.model, cli.datamodule
+        data.trainer = cli.trainer  # for default_root_dir: the fit's cache is reused
+        cache, _ = data.trajectories(module.initial_policy(), module)
+        pool = cache.to_trajectories("pool")[1]
+        targets = {n: cache.to_trajectories(f"target/{n}")[1] for n in data.target_names()}
+        model = module.initial_policy()
+        curriculum = next(c for c in cli.trainer.callbacks if isinstance(c, CurriculumCallback))
+        scorer = curriculum.scorer
+    rows = eligible(pool)
+    exact = {
+        name: combined_pass(model, pool, scorer.target_subset(trajs), {}).exact
+        for name, trajs in targets.items()
     }
-    got = collect(
-        model,
-        tokenizer,
-        splits,
-        0.5,
-        56,
-        config.seed,
-        None if config.cache_dir is None else str(Path(config.cache_dir) / "cropi_tiny"),
-    )
-    targets = {name: got[f"target/{name}"] for name in ("mul", "mod")}
-    with measured() as section:
-        result = scorer.score(model, got["pool"], targets, progress=False)
-    rows = eligible(got["pool"])
-    agreement = {}
-    for name, trajs in targets.items():
-        exact = combined_pass(model, got["pool"], trajs, {}).exact
-        agreement[name] = precision_at(result.scores[name][rows].double(), exact)
-    out: dict[str, Any] = {
-        "pool_prompts": len(got["pool"]),
+    options = {"config": scorer, **selection_options(model, scorer)}
+    measured_options = {}
+    for name, option in options.items():
+        with measured() as section:
+            result = option.score(model, pool, targets, progress=False)
+        measured_options[name] = {
+            "pass_seconds": section.seconds,
+            "step_equivalents": section.seconds / step_s,
+            "agreement_precision_at_10pct": {
+                t: precision_at(result.scores[t][rows].double(), exact[t]) for t in targets
+            },
+        }
+    return {
+        "config_file": config.selection_config,
+        "pool_prompts": len(pool),
         "eligible_prompts": len(rows),
-        "pass_seconds": section.seconds,
-        "agreement_precision_at_10pct": agreement,
+        "eligible_targets": {t: len(eligible(trajs)) for t, trajs in targets.items()},
+        "fit_pass_seconds": metrics["curriculum/influence_seconds"],
+        "fit_selection_seconds_with_collection": metrics["curriculum/selection_seconds"],
+        "train_step_seconds": step_s,
+        "train_steps_timed": len(per_step) - 1,
+        "step_equivalents": metrics["curriculum/influence_seconds"] / step_s,
+        "agreement_precision_at_10pct": measured_options["config"]["agreement_precision_at_10pct"],
+        "options": measured_options,
     }
-    if config.train_steps > 0:
-        step_config = bench_grpo.BenchConfig(
-            prompts_per_step=16,
-            num_generations=8,
-            max_completion_length=56,
-            lr=5e-5,
-            steps=config.train_steps,
-            warmup=1,
-            threads=config.threads,
-            seed=config.seed,
+
+
+def selection_options(model: nn.Module, scorer: InfluenceScorer) -> dict[str, InfluenceScorer]:
+    """Variants of the config's scorer: other CountSketch seeds at its k and at 4k (CountSketch's
+    cost does not depend on k), fewer responses, the last layer + head only, and all prompts of
+    a batch in one hooked backward."""
+
+    def variant(**changes: Any) -> InfluenceScorer:
+        settings = {
+            "popi": scorer.popi,
+            "projection": scorer.projection,
+            "prompts_per_batch": scorer.prompts_per_batch,
+            "max_target_prompts": scorer.max_target_prompts,
+            "seed": scorer.seed,
+            "method": scorer.method,
+            "responses_per_prompt": scorer.responses_per_prompt,
+            **changes,
+        }
+        return InfluenceScorer(**settings)
+
+    sketches = {
+        f"k={dim}, sketch seed {seed}": variant(
+            projection=replace(scorer.projection, dim=dim, seed=seed)
         )
-        records = bench_grpo.run_ours(step_config, reproducible=True)
-        step_s = bench_grpo.summarize([records], 1)["step_s"]
-        out["train_step_seconds"] = step_s
-        out["step_equivalents"] = section.seconds / step_s
-    return out
+        for dim in (scorer.projection.dim, 4 * scorer.projection.dim)
+        for seed in (1, 2, 3)
+    }
+    return {
+        **sketches,
+        "K'=4": variant(responses_per_prompt=4),
+        "last layer + head": variant(
+            popi=replace(scorer.popi, param_filter=last_layer_filter(model))
+        ),
+        "hooks, 8 prompts per batch": variant(method="hooks", prompts_per_batch=8),
+    }
 
 
 def smollm2_section(config: BenchConfig) -> dict[str, Any]:
@@ -802,16 +917,12 @@ def run(config: BenchConfig, previous: dict[str, Any]) -> dict[str, Any]:
     unknown = set(config.sections) - set(SECTIONS)
     if unknown:
         raise ValueError(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
-    default = InfluenceScorer(
-        projection=ProjectionConfig(dim=config.default_dim, kind="countsketch", seed=config.seed),
-        method="loop",
-    )
     for name in config.sections:
         print(f"section {name}", flush=True)
         if name == "embedded":
             result[name] = embedded_section(config)
         elif name == "selection":
-            result[name] = selection_section(config, default)
+            result[name] = selection_section(config)
         else:
             result[name] = smollm2_section(config)
         result[name]["config"] = asdict(config)

@@ -147,7 +147,7 @@ class InfluenceScorer:
         means: dict[str, Tensor] = {}
         stats: dict[str, float] = {}
         for name, trajs in targets.items():
-            chosen = self._target_subset(trajs)
+            chosen = self.target_subset(trajs)
             vectors, nonzero = self.project(model, chosen, f"target {name}", progress)
             means[name] = target_mean(vectors, nonzero, self.max_target_prompts, self.seed)
             stats[f"target_prompts/{name}"] = float(nonzero.sum())
@@ -158,7 +158,7 @@ class InfluenceScorer:
             scores, eligible, pool_vectors, means, time.perf_counter() - start, stats
         )
 
-    def _target_subset(self, trajs: Sequence[PromptTrajectories]) -> list[PromptTrajectories]:
+    def target_subset(self, trajs: Sequence[PromptTrajectories]) -> list[PromptTrajectories]:
         """Up to ``max_target_prompts`` non-zero target prompts, chosen by seed (saves passes)."""
         candidates = [t for t, z in zip(trajs, zero_mask(trajs), strict=True) if not z]
         if not candidates:
