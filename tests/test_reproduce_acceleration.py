@@ -99,3 +99,17 @@ def test_targets_overlay_parses_through_the_cli(tmp_path):
         "mod",
         "word",
     ]
+
+
+def test_stored_runs_round_trip_and_refuse_other_settings():
+    """--merge reads a stored report's raw runs back with int keys, and only for equal settings."""
+    run = _run((0.2, 0.25, random.random()), (0.5, 0.5, 0.5), (0.0, 90.0, 180.0))
+    settings = {"seeds": [0], "steps": 18, "targets": ["sub", "cmp"]}
+    raw = {"full": {"0": {k: {str(a): b for a, b in v.items()} for k, v in run.items()}}}
+    report = json.loads(json.dumps({"raw": raw, "settings": settings, "total_seconds": 5.0}))
+    stored = accel.stored_runs(report, settings)
+    assert stored["runs"] == {"full": {0: run}} and stored["total_seconds"] == 5.0
+    with pytest.raises(SystemExit, match="settings"):
+        accel.stored_runs(report, {**settings, "steps": 90})
+    with pytest.raises(SystemExit, match="no stored report"):
+        accel.stored_runs({}, settings)

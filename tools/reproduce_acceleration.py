@@ -18,7 +18,13 @@ For every method and seed it runs ``python -m cropi_pl fit`` on ``configs/cropi_
 ``--targets fam1,fam2`` replaces the targeted families (influence targets and the targeted
 evaluation set; every other family of the pool is untargeted) without editing YAML; ``--key``
 writes the results under that key of the JSON (keeping the others) and names the plot after it.
+``--merge`` adds methods to a stored report of the same settings: the methods run now (full
+among them) replace their stored runs, the others are kept, and the report records how far the
+re-run full-pool curve is from the stored one (0 when runs are reproducible).
 Writes ``results/acceleration.json`` and ``results/acceleration.png``.
+
+    python tools/reproduce_acceleration.py --targets sub,cmp --key second_target \
+        --methods full pass_rate learnability --merge
 """
 
 from __future__ import annotations
@@ -187,6 +193,26 @@ def interval(values: list[float], half_widths: list[float]) -> dict[str, Any]:
     }
 
 
+def stored_runs(report: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """The raw runs of a stored report (JSON keys back to ints) if it has ``settings``."""
+    if not report.get("raw"):
+        raise SystemExit("--merge: no stored report under that key to merge into")
+    if report.get("settings") != settings:
+        raise SystemExit(
+            f"--merge: the stored report's settings {report.get('settings')} differ from "
+            f"this run's {settings}; runs of different settings cannot be compared"
+        )
+
+    def ints(value: Any) -> Any:
+        return {int(k): v for k, v in value.items()} if isinstance(value, dict) else value
+
+    runs = {
+        method: {int(seed): {k: ints(v) for k, v in run.items()} for seed, run in by_seed.items()}
+        for method, by_seed in report["raw"].items()
+    }
+    return {"runs": runs, "total_seconds": report.get("total_seconds")}
+
+
 def final(run: dict, kind: str) -> tuple[float, float]:
     """The last validation's accuracy of ``kind`` and its 95% half-width."""
     step = max(run[kind])
@@ -304,6 +330,11 @@ def main() -> None:
         help="comma-separated targeted families (default: the config's, e.g. mul,mod)",
     )
     parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the stored runs of methods not run now (same settings required)",
+    )
+    parser.add_argument(
         "--key",
         default=None,
         help="write the results under this key of acceleration.json (e.g. second_target), "
@@ -312,6 +343,14 @@ def main() -> None:
     args = parser.parse_args()
     if "full" not in args.methods:
         raise SystemExit("--methods must include 'full': accelerations are relative to it")
+    settings = {
+        "seeds": args.seeds,
+        "steps": args.steps,
+        "stage_steps": args.stage_steps,
+        "val_every": args.val_every,
+        "config": args.config,
+        "targets": args.targets,
+    }
     runs, out = ROOT / args.runs, ROOT / args.out
     runs.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -392,6 +431,27 @@ def main() -> None:
         for method, seed, result in pool.map(lambda job: one(*job), jobs):
             results[method][seed] = result
 
+    path = out / "acceleration.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    merged: dict[str, Any] = {}
+    if args.merge:
+        merged = stored_runs(previous.get(args.key, {}) if args.key else previous, settings)
+        merged["full_rerun_max_abs_diff"] = max(
+            abs(
+                results["full"][seed]["targeted"][step]
+                - merged["runs"]["full"][seed]["targeted"][step]
+            )
+            for seed in args.seeds
+            for step in results["full"][seed]["targeted"]
+        )
+        print(
+            f"re-run full vs stored full: max |targeted diff| {merged['full_rerun_max_abs_diff']}"
+        )
+        results = {
+            m: results.get(m, merged["runs"].get(m))
+            for m in METHODS
+            if m in results or m in merged["runs"]
+        }
     summary = summarise(results, args.seeds)
     print(
         f"\n{'method':17s} {'step acc.':>9s} {'wall acc.':>9s} {'best tgt':>8s} "
@@ -416,14 +476,7 @@ def main() -> None:
         "methods": summary,
         "base_accuracy": {str(k): v for k, v in bases.items()},
         "trajectory_collection_seconds": {str(k): v for k, v in collection_s.items()},
-        "settings": {
-            "seeds": args.seeds,
-            "steps": args.steps,
-            "stage_steps": args.stage_steps,
-            "val_every": args.val_every,
-            "config": args.config,
-            "targets": args.targets,
-        },
+        "settings": settings,
         "raw": {
             m: {
                 str(s): {
@@ -436,8 +489,12 @@ def main() -> None:
         },
         "total_seconds": time.perf_counter() - started,
     }
-    path = out / "acceleration.json"
-    previous = json.loads(path.read_text()) if path.exists() else {}
+    if args.merge:
+        report["merged"] = {
+            "kept_methods": sorted(set(results) - set(args.methods)),
+            "full_rerun_max_abs_diff": merged["full_rerun_max_abs_diff"],
+            "stored_total_seconds": merged["total_seconds"],
+        }
     if args.key:
         report_file = {**previous, args.key: report}
     else:  # a new main run replaces the old one but keeps the keyed runs (whole reports)
