@@ -106,9 +106,11 @@ def test_stored_runs_round_trip_and_refuse_other_settings():
     run = _run((0.2, 0.25, random.random()), (0.5, 0.5, 0.5), (0.0, 90.0, 180.0))
     settings = {"seeds": [0], "steps": 18, "targets": ["sub", "cmp"]}
     raw = {"full": {"0": {k: {str(a): b for a, b in v.items()} for k, v in run.items()}}}
-    report = json.loads(json.dumps({"raw": raw, "settings": settings, "total_seconds": 5.0}))
+    report = {"raw": raw, "settings": settings, "total_seconds": 5.0}
+    report = json.loads(json.dumps({**report, "trajectory_collection_seconds": {"0": 31.5}}))
     stored = accel.stored_runs(report, settings)
     assert stored["runs"] == {"full": {0: run}} and stored["total_seconds"] == 5.0
+    assert stored["collection_seconds"] == {0: 31.5}
     with pytest.raises(SystemExit, match="settings"):
         accel.stored_runs(report, {**settings, "steps": 90})
     with pytest.raises(SystemExit, match="no stored report"):

@@ -20,7 +20,9 @@ evaluation set; every other family of the pool is untargeted) without editing YA
 writes the results under that key of the JSON (keeping the others) and names the plot after it.
 ``--merge`` adds methods to a stored report of the same settings: the methods run now (full
 among them) replace their stored runs, the others are kept, and the report records how far the
-re-run full-pool curve is from the stored one (0 when runs are reproducible).
+re-run full-pool curve is from the stored one (0 when runs are reproducible). The stored runs'
+trajectory cache (same ``--runs``) is verified rather than re-sampled, so the collection seconds
+charged are the stored report's.
 Writes ``results/acceleration.json`` and ``results/acceleration.png``.
 
     python tools/reproduce_acceleration.py --targets sub,cmp --key second_target \
@@ -210,7 +212,12 @@ def stored_runs(report: dict[str, Any], settings: dict[str, Any]) -> dict[str, A
         method: {int(seed): {k: ints(v) for k, v in run.items()} for seed, run in by_seed.items()}
         for method, by_seed in report["raw"].items()
     }
-    return {"runs": runs, "total_seconds": report.get("total_seconds")}
+    collection = {int(k): v for k, v in report.get("trajectory_collection_seconds", {}).items()}
+    return {
+        "runs": runs,
+        "total_seconds": report.get("total_seconds"),
+        "collection_seconds": collection,
+    }
 
 
 def final(run: dict, kind: str) -> tuple[float, float]:
@@ -352,6 +359,13 @@ def main() -> None:
         "targets": args.targets,
     }
     runs, out = ROOT / args.runs, ROOT / args.out
+    path = out / "acceleration.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    merged = (
+        stored_runs(previous.get(args.key, {}) if args.key else previous, settings)
+        if args.merge
+        else {}
+    )
     runs.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     cache = runs / "trajectories"
@@ -390,6 +404,8 @@ def main() -> None:
                 runs / f"collect_log-seed{seed}.txt",
                 args.threads,
             )
+            if args.merge:  # the stored runs' cache, verified now: charge its collection
+                collection_s[seed] = merged["collection_seconds"][seed]
             print(
                 f"trajectory collection, seed {seed}: {collection_s[seed]:.1f}s "
                 "(charged to every method that uses it)"
@@ -431,11 +447,7 @@ def main() -> None:
         for method, seed, result in pool.map(lambda job: one(*job), jobs):
             results[method][seed] = result
 
-    path = out / "acceleration.json"
-    previous = json.loads(path.read_text()) if path.exists() else {}
-    merged: dict[str, Any] = {}
     if args.merge:
-        merged = stored_runs(previous.get(args.key, {}) if args.key else previous, settings)
         merged["full_rerun_max_abs_diff"] = max(
             abs(
                 results["full"][seed]["targeted"][step]

@@ -125,9 +125,10 @@ class POPIGradients:
     and loops over prompts for the attention op alone; eager attention batches fully (faster for
     short sequences, O(T^2) memory per head), so the attention implementation is left to the caller.
 
-    ``method`` (module doc): None picks "vmap" on CUDA and "loop" elsewhere: on one CPU thread
-    the tiny policy's backward is GEMM-bound and bigger batches only add padding and cache misses,
-    so "hooks" and "vmap" were slower than the loop at every batch size (tools/bench_influence.py).
+    ``method`` (module doc): None picks "vmap" on CUDA and "loop" elsewhere: on the 2-core CPU a
+    whole ``configs/cropi_tiny.yaml`` pass took 14.8 s with the loop and 13.9-15.9 s with "hooks"
+    at 4-16 prompts per batch on one thread, 10.7 s and 9.3-10.4 s on two (idle, one run each;
+    ``tools/bench_influence.py``'s selection section sees 0.9-1.5x from run to run): no clear win.
     "hooks" sees a parameter only through its modules' forward calls: a model that uses a weight
     functionally elsewhere needs "loop" or "vmap". A model that fails under vmap falls back to
     "loop" with a warning.
