@@ -168,6 +168,7 @@ def test_tiny_end_to_end_run(tmp_path):
     out = tmp_path / "bench.json"
     argv = [
         "--sections", "embedded,smollm2", "--pool-size", "40", "--target-size", "8",
+        "--skip-options", "torch.compile",  # about 35 s of compilation
         "--dims", "16", "--default-dim", "16", "--bootstrap", "10", "--threads", "1",
         "--smol-model", "embedded:tiny", "--smol-pool", "24", "--smol-targets", "8",
         "--smol-timed", "2", "--smol-dim", "16", "--reference-slice", "1000", "--out", str(out),
