@@ -595,13 +595,14 @@ def model_gemm_rate(model: nn.Module, tokens: int, repeats: int = 5) -> float:
     return flops / seconds
 
 
+def block_tokens(traj: PromptTrajectories) -> int:
+    """K x T rows of a prompt's padded block, as one loop backward computes it."""
+    return len(traj.completion_ids) * (len(traj.prompt_ids) + max(map(len, traj.completion_ids)))
+
+
 def mean_block_tokens(trajs: Sequence[PromptTrajectories]) -> int:
-    """Mean K x T rows of the eligible prompts' padded blocks (one loop backward each)."""
-    sizes = [
-        len(trajs[i].completion_ids)
-        * (len(trajs[i].prompt_ids) + max(map(len, trajs[i].completion_ids)))
-        for i in eligible(trajs)
-    ]
+    """Mean block rows (:func:`block_tokens`) of the eligible prompts."""
+    sizes = [block_tokens(trajs[i]) for i in eligible(trajs)]
     return round(sum(sizes) / len(sizes))
 
 
@@ -609,10 +610,7 @@ def pass_flops(model: nn.Module, trajs: Sequence[PromptTrajectories]) -> float:
     """Forward (2) + backward (4) FLOPs per token and linear weight, over the eligible prompts'
     padded (K, T) blocks as the loop computes them (attention scores are left out)."""
     weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-    tokens = 0
-    for i in eligible(trajs):
-        t = trajs[i]
-        tokens += len(t.completion_ids) * (len(t.prompt_ids) + max(map(len, t.completion_ids)))
+    tokens = sum(block_tokens(trajs[i]) for i in eligible(trajs))
     return 6.0 * weights * tokens
 
 
@@ -682,7 +680,7 @@ def selection_section(config: BenchConfig) -> dict[str, Any]:
     with the initial policy (what stage 0 scored), timed, and are compared per target with exact
     cosines by precision@10% (``agreement``). Stage 0's selection seconds also hold the first
     trajectory collection, so the pass is priced by the run's ``influence_seconds``."""
-    from reproduce_acceleration import STEP_TIMES, scalars
+    from reproduce_acceleration import scalars, step_seconds
 
     from cropi_pl.cli import main as cli_main
     from cropi_pl.curriculum.callback import CurriculumCallback
@@ -695,18 +693,15 @@ def selection_section(config: BenchConfig) -> dict[str, Any]:
         cli_main(["fit", *args])
         run = Path(tmp)
         metrics = json.loads((run / "selections" / "stage-000.metrics.json").read_text())
-        per_step: dict[int, float] = {}
-        for tag in STEP_TIMES:
-            for step, value in scalars(run).get(tag, []):
-                per_step[step] = per_step.get(step, 0.0) + value
+        per_step = step_seconds(scalars(run))
         step_s = statistics.median(v for s, v in per_step.items() if s > 0)
         cli = cli_main(args, run=False)
         module, data = cli.model, cli.datamodule
         data.trainer = cli.trainer  # for default_root_dir: the fit's cache is reused
-        cache, _ = data.trajectories(module.initial_policy(), module)
+        model = module.initial_policy()
+        cache, _ = data.trajectories(model, module)
         pool = cache.to_trajectories("pool")[1]
         targets = {n: cache.to_trajectories(f"target/{n}")[1] for n in data.target_names()}
-        model = module.initial_policy()
         curriculum = next(c for c in cli.trainer.callbacks if isinstance(c, CurriculumCallback))
         scorer = curriculum.scorer
     rows = eligible(pool)
