@@ -211,6 +211,10 @@ def test_selection_section_runs_the_config(tmp_path):
         section["fit_pass_seconds"] / section["train_step_seconds"]
     )
     assert section["fit_selection_seconds_with_collection"] > section["fit_pass_seconds"] > 0
+    assert section["pass_flops"] > 0 and section["gemm_peak_flops"] > 0
+    assert section["flop_floor_step_equivalents"] == pytest.approx(
+        section["pass_flops"] / section["gemm_peak_flops"] / section["train_step_seconds"]
+    )
     assert 0 < section["eligible_prompts"] <= section["pool_prompts"] == 16
     sketches = {f"k={k}, sketch seed {s}" for k in (256, 1024) for s in (1, 2, 3)}
     assert set(section["options"]) == {

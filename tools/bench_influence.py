@@ -679,7 +679,9 @@ def selection_section(config: BenchConfig) -> dict[str, Any]:
     the step (the median after the first). The options then score the same cached trajectories
     with the initial policy (what stage 0 scored), timed, and are compared per target with exact
     cosines by precision@10% (``agreement``). Stage 0's selection seconds also hold the first
-    trajectory collection, so the pass is priced by the run's ``influence_seconds``."""
+    trajectory collection, so the pass is priced by the run's ``influence_seconds``. The FLOP
+    floor is the pass's forward and backward FLOPs (:func:`pass_flops`) at the machine's GEMM
+    peak, in steps: what no implementation of the full-model exact pass can go below."""
     from reproduce_acceleration import scalars, step_seconds
 
     from cropi_pl.cli import main as cli_main
@@ -709,6 +711,10 @@ def selection_section(config: BenchConfig) -> dict[str, Any]:
         name: combined_pass(model, pool, scorer.target_subset(trajs), {}).exact
         for name, trajs in targets.items()
     }
+    flops = pass_flops(model, pool) + sum(
+        pass_flops(model, scorer.target_subset(trajs)) for trajs in targets.values()
+    )
+    peak = gemm_peak(config.threads)
     options = {"config": scorer, **selection_options(model, scorer)}
     measured_options = {}
     for name, option in options.items():
@@ -732,6 +738,9 @@ def selection_section(config: BenchConfig) -> dict[str, Any]:
         "train_steps_timed": len(per_step) - 1,
         "step_equivalents": metrics["curriculum/influence_seconds"] / step_s,
         "agreement_precision_at_10pct": measured_options["config"]["agreement_precision_at_10pct"],
+        "pass_flops": flops,
+        "gemm_peak_flops": peak,
+        "flop_floor_step_equivalents": flops / peak / step_s,
         "options": measured_options,
     }
 
