@@ -206,3 +206,22 @@ def test_with_guesses_replaces_a_seeded_share_of_solutions_by_the_bare_answer():
     assert with_guesses(tasks, 0.0, seed=3)["solution"] == tasks["solution"]
     with pytest.raises(ValueError, match="guess fraction"):
         with_guesses(tasks, 1.0, seed=0)
+
+
+def test_with_guesses_per_family_fractions():
+    """Named families get their own share of bare answers; the others keep the default."""
+    tasks = StepwiseTasks(num_per_cell=60, split="train").load()
+    mixed = with_guesses(tasks, 0.05, seed=1, by_family={"mul": 0.6, "mod": 0.0})
+    share: dict[str, list[bool]] = {}
+    for family, solution, answer in zip(
+        tasks["family"], mixed["solution"], tasks["answer"], strict=True
+    ):
+        share.setdefault(family, []).append(solution == f"#### {answer}")
+    rate = {family: sum(g) / len(g) for family, g in share.items()}
+    assert 0.45 < rate["mul"] < 0.75 and rate["mod"] == 0.0
+    assert all(0.0 < rate[f] < 0.15 for f in ("add", "sub", "cmp", "word")), rate
+    assert with_guesses(tasks, 0.0, seed=1, by_family={"mul": 0.0})["solution"] == tasks["solution"]
+    with pytest.raises(ValueError, match=r"families \['div'\]"):
+        with_guesses(tasks, 0.1, seed=1, by_family={"div": 0.5})
+    with pytest.raises(ValueError, match="family 'mul'"):
+        with_guesses(tasks, 0.1, seed=1, by_family={"mul": 1.5})

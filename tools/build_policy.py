@@ -27,6 +27,14 @@ def main() -> None:
         help="share of SFT solutions replaced by the bare answer (#### N)",
     )
     parser.add_argument(
+        "--family-guess-fraction",
+        nargs="+",
+        default=[],
+        metavar="FAMILY=FRACTION",
+        help="another guess fraction for these families, e.g. mul=0.6 mod=0.6 (a deficit of "
+        "their own that only their data teaches RL to remove)",
+    )
+    parser.add_argument(
         "--final-lr-fraction",
         type=float,
         default=0.0,
@@ -36,6 +44,15 @@ def main() -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the SFT progress bar")
     args = parser.parse_args()
     steps = {} if args.steps is None else {"sft_steps": args.steps}
+    by_family = {}
+    for item in args.family_guess_fraction:
+        family, sep, value = item.partition("=")
+        try:
+            by_family[family] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not family:
+            parser.error(f"--family-guess-fraction: expected FAMILY=FRACTION, got {item!r}")
     out = build_policy(
         args.out,
         PolicySpec(),
@@ -45,6 +62,7 @@ def main() -> None:
         max_new_tokens=args.max_new_tokens,
         guess_fraction=args.guess_fraction,
         final_lr_fraction=args.final_lr_fraction,
+        family_guess_fractions=by_family,
         **steps,
     )
     meta = json.loads((out / METADATA_FILE).read_text())

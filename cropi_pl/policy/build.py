@@ -16,7 +16,7 @@ import random
 import re
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -93,21 +93,37 @@ def extract_answer(completion: str) -> str | None:
     return match.group(1) if match else None
 
 
-def with_guesses(tasks: datasets.Dataset, fraction: float, seed: int) -> datasets.Dataset:
+def with_guesses(
+    tasks: datasets.Dataset,
+    fraction: float,
+    seed: int,
+    by_family: Mapping[str, float] | None = None,
+) -> datasets.Dataset:
     """``tasks`` with the worked solution of a seeded ``fraction`` of rows replaced by the bare
-    answer (``#### 282``).
+    answer (``#### 282``); ``by_family`` sets another fraction for the families it names.
 
     A policy warm-started on this mix sometimes works the steps and sometimes guesses in one go,
     as pretrained models sometimes reason and sometimes answer outright; guesses fail on all
     but the easiest problems, so RL has a transferable skill to learn (work the steps), which
-    a policy that always works them, and only slips, does not offer.
+    a policy that always works them, and only slips, does not offer. Per-family fractions give
+    some families a deficit of their own, which only their data teaches RL to remove.
     """
+    rates = dict(by_family or {})
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"guess fraction must be in [0, 1), got {fraction}")
-    if fraction == 0.0:
+    for family, value in rates.items():
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"guess fraction of family {family!r} must be in [0, 1), got {value}")
+    if fraction == 0.0 and not any(rates.values()):
         return tasks
+    unknown = sorted(set(rates) - set(tasks["family"]))
+    if unknown:
+        raise ValueError(
+            f"guess fractions name families {unknown} that the tasks do not have "
+            f"(families: {sorted(set(tasks['family']))})"
+        )
     rng = random.Random(f"guesses-{seed}")
-    guessed = [rng.random() < fraction for _ in range(len(tasks))]
+    guessed = [rng.random() < rates.get(family, fraction) for family in tasks["family"]]
     solutions = [
         f"#### {answer}" if guess else solution
         for guess, answer, solution in zip(guessed, tasks["answer"], tasks["solution"], strict=True)
@@ -307,11 +323,12 @@ def build_policy(
     max_new_tokens: int = 64,
     guess_fraction: float = 0.0,
     final_lr_fraction: float = 0.0,
+    family_guess_fractions: Mapping[str, float] | None = None,
 ) -> Path:
     """Initialise a Llama from ``spec`` and ``seed``, SFT it on the worked solutions of the
     ``tasks`` suite (:data:`TASK_SUITES`), ``guess_fraction`` of them replaced by the bare
-    answer (:func:`with_guesses`), with a cosine schedule ending at ``final_lr_fraction * lr``,
-    measure it and save it to ``out_dir``.
+    answer (:func:`with_guesses`; ``family_guess_fractions`` per family), with a cosine
+    schedule ending at ``final_lr_fraction * lr``, measure it and save it to ``out_dir``.
 
     Deterministic on CPU for a given seed (fixed thread count, seeded init and data order).
     ``eval_per_cell=0`` skips the validation measurement (``stats`` is then null).
@@ -327,7 +344,7 @@ def build_policy(
     torch.manual_seed(seed)
     model = LlamaForCausalLM(spec.config(tokenizer))
     train = suite(split="train", num_per_cell=train_per_cell, seed=seed).load()
-    train = with_guesses(train, guess_fraction, seed)
+    train = with_guesses(train, guess_fraction, seed, family_guess_fractions)
     losses = supervised_finetune(
         model,
         _encode_sft(tokenizer, train),
@@ -358,6 +375,7 @@ def build_policy(
         "spec": asdict(spec),
         "tasks": tasks,
         "guess_fraction": guess_fraction,
+        "family_guess_fractions": dict(family_guess_fractions or {}),
         "final_lr_fraction": final_lr_fraction,
         "seed": seed,
         "sft_steps": sft_steps,
