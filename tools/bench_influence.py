@@ -681,7 +681,8 @@ def selection_section(config: BenchConfig) -> dict[str, Any]:
     cosines by precision@10% (``agreement``). Stage 0's selection seconds also hold the first
     trajectory collection, so the pass is priced by the run's ``influence_seconds``. The FLOP
     floor is the pass's forward and backward FLOPs (:func:`pass_flops`) at the machine's GEMM
-    peak, in steps: what no implementation of the full-model exact pass can go below."""
+    peak, in steps: what no implementation of the full-model exact pass gets much below (it
+    counts each prompt's padded block and leaves attention out)."""
     from reproduce_acceleration import scalars, step_seconds
 
     from cropi_pl.cli import main as cli_main

@@ -4,6 +4,9 @@
 ``python tools/build_policy.py --tasks stepwise --steps 800 --guess-fraction 0.25
 --max-new-tokens 72 --out cropi_pl/assets/stepwise-policy`` (the acceleration testbed:
 step-by-step solutions, a quarter of them bare answers; see ``cropi_pl/tasks/stepwise.py``)
+``python tools/build_policy.py --tasks stepwise --steps 800 --guess-fraction 0.05
+--family-guess-fraction mul=0.6 mod=0.6 --max-new-tokens 72 --out runs/family-deficit-policy``
+(the README's family-deficit probe: only ``mul`` and ``mod`` guess often)
 """
 
 from __future__ import annotations
