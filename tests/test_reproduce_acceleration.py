@@ -77,7 +77,8 @@ def test_targets_overlay_retargets_influence_and_evaluation_sets():
 
 
 def test_targets_overlay_parses_through_the_cli(tmp_path):
-    """The overlay replaces the config's targets and eval sets (no merge with mul/mod)."""
+    """The overlay replaces the config's targets and eval sets (no merge with mul/mod) and,
+    with --model, its starting policy."""
     from tests.cli_utils import run_cli
 
     args = accel.argparse.Namespace(
@@ -86,11 +87,13 @@ def test_targets_overlay_parses_through_the_cli(tmp_path):
         steps=3,
         val_every=3,
         stage_steps=3,
+        model="embedded:tiny",
     )
     configs = accel.config_args("full", tmp_path / "run", tmp_path / "cache", args, seed=0)
     out = run_cli(
         "fit", *configs[2:], "--print_config", run_dir=tmp_path, config=accel.ROOT / args.config
     ).stdout
+    assert accel.yaml.safe_load(out)["model"]["init_args"]["model"] == "embedded:tiny"
     config = accel.yaml.safe_load(out)["data"]["init_args"]
     assert list(config["targets"]) == ["sub", "cmp"]
     assert config["eval_sets"]["untargeted"]["init_args"]["families"] == [

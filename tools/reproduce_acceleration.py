@@ -16,7 +16,8 @@ For every method and seed it runs ``python -m cropi_pl fit`` on ``configs/cropi_
 - full-pool's targeted gain (final minus starting accuracy) and every method's final untargeted
   accuracy, each with its 95% interval (prompts as units, from ``val/<set>/accuracy_ci95``).
 ``--targets fam1,fam2`` replaces the targeted families (influence targets and the targeted
-evaluation set; every other family of the pool is untargeted) without editing YAML; ``--key``
+evaluation set; every other family of the pool is untargeted) and ``--model`` the starting policy,
+without editing YAML; ``--key``
 writes the results under that key of the JSON (keeping the others) and names the plot after it.
 ``--merge`` adds methods to a stored report of the same settings: the methods run now (full
 among them) replace their stored runs, the others are kept, and the report records how far the
@@ -116,7 +117,8 @@ def config_args(
     method: str, run_dir: Path, cache_dir: Path, args: argparse.Namespace, seed: int
 ) -> list[str]:
     """``--config`` arguments of one run: the base config, the method's overlay, then a per-run
-    overlay (seed, step budget, targets, no checkpoints or export, everything under ``run_dir``).
+    overlay (seed, step budget, targets, starting policy, no checkpoints or export, everything
+    under ``run_dir``).
 
     ``seed_everything`` is the run's one seed: sampling, trajectory, projection and selection
     seeds follow it, so each seed has its own trajectory cache (``cache_dir/seed<N>``)."""
@@ -136,6 +138,8 @@ def config_args(
         "export": {"folder": None},
         "data": {"init_args": data},
     }
+    if getattr(args, "model", None):
+        config["model"] = {"init_args": {"model": args.model}}
     path = run_dir / "overlay.yaml"
     run_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -343,6 +347,12 @@ def main() -> None:
         help="comma-separated targeted families (default: the config's, e.g. mul,mod)",
     )
     parser.add_argument(
+        "--model",
+        default=None,
+        help="starting policy (an HF folder or embedded:<name>) instead of the config's, e.g. "
+        "the family-deficit warm start of the README",
+    )
+    parser.add_argument(
         "--merge",
         action="store_true",
         help="keep the stored runs of methods not run now (same settings required)",
@@ -363,6 +373,7 @@ def main() -> None:
         "val_every": args.val_every,
         "config": args.config,
         "targets": args.targets,
+        **({"model": args.model} if args.model else {}),
     }
     runs, out = ROOT / args.runs, ROOT / args.out
     path = out / "acceleration.json"
