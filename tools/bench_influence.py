@@ -708,13 +708,9 @@ def selection_section(config: BenchConfig) -> dict[str, Any]:
         curriculum = next(c for c in cli.trainer.callbacks if isinstance(c, CurriculumCallback))
         scorer = curriculum.scorer
     rows = eligible(pool)
-    exact = {
-        name: combined_pass(model, pool, scorer.target_subset(trajs), {}).exact
-        for name, trajs in targets.items()
-    }
-    flops = pass_flops(model, pool) + sum(
-        pass_flops(model, scorer.target_subset(trajs)) for trajs in targets.values()
-    )
+    chosen = {name: scorer.target_subset(trajs) for name, trajs in targets.items()}
+    exact = {name: combined_pass(model, pool, trajs, {}).exact for name, trajs in chosen.items()}
+    flops = pass_flops(model, pool) + sum(pass_flops(model, trajs) for trajs in chosen.values())
     peak = gemm_peak(config.threads)
     options = {"config": scorer, **selection_options(model, scorer)}
     measured_options = {}

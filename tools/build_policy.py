@@ -17,6 +17,18 @@ import json
 from cropi_pl.policy.build import METADATA_FILE, TASK_SUITES, PolicySpec, build_policy
 
 
+def family_fraction(text: str) -> tuple[str, float]:
+    """``FAMILY=FRACTION`` of ``--family-guess-fraction`` as ``(family, fraction)``."""
+    family, sep, value = text.partition("=")
+    try:
+        fraction = float(value)
+    except ValueError:
+        sep = ""
+    if not sep or not family:
+        raise argparse.ArgumentTypeError(f"expected FAMILY=FRACTION, got {text!r}")
+    return family, fraction
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder to write the HF checkpoint to")
@@ -31,6 +43,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--family-guess-fraction",
+        type=family_fraction,
         nargs="+",
         default=[],
         metavar="FAMILY=FRACTION",
@@ -47,15 +60,6 @@ def main() -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the SFT progress bar")
     args = parser.parse_args()
     steps = {} if args.steps is None else {"sft_steps": args.steps}
-    by_family = {}
-    for item in args.family_guess_fraction:
-        family, sep, value = item.partition("=")
-        try:
-            by_family[family] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep or not family:
-            parser.error(f"--family-guess-fraction: expected FAMILY=FRACTION, got {item!r}")
     out = build_policy(
         args.out,
         PolicySpec(),
@@ -65,7 +69,7 @@ def main() -> None:
         max_new_tokens=args.max_new_tokens,
         guess_fraction=args.guess_fraction,
         final_lr_fraction=args.final_lr_fraction,
-        family_guess_fractions=by_family,
+        family_guess_fractions=dict(args.family_guess_fraction),
         **steps,
     )
     meta = json.loads((out / METADATA_FILE).read_text())

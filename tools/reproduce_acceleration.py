@@ -17,8 +17,8 @@ For every method and seed it runs ``python -m cropi_pl fit`` on ``configs/cropi_
   accuracy, each with its 95% interval (prompts as units, from ``val/<set>/accuracy_ci95``).
 ``--targets fam1,fam2`` replaces the targeted families (influence targets and the targeted
 evaluation set; every other family of the pool is untargeted) and ``--model`` the starting policy,
-without editing YAML; ``--key``
-writes the results under that key of the JSON (keeping the others) and names the plot after it.
+without editing YAML; ``--key`` writes the results under that key of the JSON (keeping the
+others) and names the plot after it.
 ``--merge`` adds methods to a stored report of the same settings: the methods run now (full
 among them) replace their stored runs, the others are kept, and the report records how far the
 re-run full-pool curve is from the stored one (0 when runs are reproducible). The stored runs'
@@ -138,7 +138,7 @@ def config_args(
         "export": {"folder": None},
         "data": {"init_args": data},
     }
-    if getattr(args, "model", None):
+    if args.model:
         config["model"] = {"init_args": {"model": args.model}}
     path = run_dir / "overlay.yaml"
     run_dir.mkdir(parents=True, exist_ok=True)
