@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -225,3 +228,15 @@ def test_with_guesses_per_family_fractions():
         with_guesses(tasks, 0.1, seed=1, by_family={"div": 0.5})
     with pytest.raises(ValueError, match="family 'mul'"):
         with_guesses(tasks, 0.1, seed=1, by_family={"mul": 1.5})
+
+
+def test_family_fraction_argument_parses_family_equals_fraction():
+    """``--family-guess-fraction`` items: ``FAMILY=FRACTION`` or an argparse error naming it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from build_policy import family_fraction
+
+    fraction = random.random()
+    assert family_fraction(f"mul={fraction}") == ("mul", fraction)
+    for bad in ("mul", "mul=", "=0.5", "mul=x", "mul=0.5=1"):
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(repr(bad))):
+            family_fraction(bad)

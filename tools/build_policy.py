@@ -6,7 +6,8 @@
 step-by-step solutions, a quarter of them bare answers; see ``cropi_pl/tasks/stepwise.py``)
 ``python tools/build_policy.py --tasks stepwise --steps 800 --guess-fraction 0.05
 --family-guess-fraction mul=0.6 mod=0.6 --max-new-tokens 72 --out runs/family-deficit-policy``
-(the README's family-deficit probe: only ``mul`` and ``mod`` guess often)
+(the README's family-deficit probe: only ``mul`` and ``mod`` guess often; its pre-registered
+testbed names ``sub=0.6 cmp=0.6`` too and writes ``runs/four-deficit-policy``)
 """
 
 from __future__ import annotations
@@ -19,14 +20,13 @@ from cropi_pl.policy.build import METADATA_FILE, TASK_SUITES, PolicySpec, build_
 
 def family_fraction(text: str) -> tuple[str, float]:
     """``FAMILY=FRACTION`` of ``--family-guess-fraction`` as ``(family, fraction)``."""
-    family, sep, value = text.partition("=")
+    family, _, value = text.partition("=")  # no "=" leaves value empty, which float refuses
     try:
-        fraction = float(value)
+        if family:
+            return family, float(value)
     except ValueError:
-        sep = ""
-    if not sep or not family:
-        raise argparse.ArgumentTypeError(f"expected FAMILY=FRACTION, got {text!r}")
-    return family, fraction
+        pass
+    raise argparse.ArgumentTypeError(f"expected FAMILY=FRACTION, got {text!r}")
 
 
 def main() -> None:
