@@ -224,8 +224,9 @@ def test_with_guesses_per_family_fractions():
     assert 0.45 < rate["mul"] < 0.75 and rate["mod"] == 0.0
     assert all(0.0 < rate[f] < 0.15 for f in ("add", "sub", "cmp", "word")), rate
     assert with_guesses(tasks, 0.0, seed=1, by_family={"mul": 0.0})["solution"] == tasks["solution"]
-    with pytest.raises(ValueError, match=r"families \['div'\]"):
-        with_guesses(tasks, 0.1, seed=1, by_family={"div": 0.5})
+    for fraction, div in ((0.1, 0.5), (0.0, 0.0)):  # a misspelt family fails even at zero
+        with pytest.raises(ValueError, match=r"families \['div'\]"):
+            with_guesses(tasks, fraction, seed=1, by_family={"div": div})
     with pytest.raises(ValueError, match="family 'mul'"):
         with_guesses(tasks, 0.1, seed=1, by_family={"mul": 1.5})
 

@@ -114,14 +114,14 @@ def with_guesses(
     for family, value in rates.items():
         if not 0.0 <= value < 1.0:
             raise ValueError(f"guess fraction of family {family!r} must be in [0, 1), got {value}")
-    if fraction == 0.0 and not any(rates.values()):
-        return tasks
     unknown = sorted(set(rates) - set(tasks["family"]))
     if unknown:
         raise ValueError(
             f"guess fractions name families {unknown} that the tasks do not have "
             f"(families: {sorted(set(tasks['family']))})"
         )
+    if fraction == 0.0 and not any(rates.values()):
+        return tasks
     rng = random.Random(f"guesses-{seed}")
     guessed = [rng.random() < rates.get(family, fraction) for family in tasks["family"]]
     solutions = [
