@@ -13,7 +13,7 @@ from transformers import LlamaForCausalLM
 
 from cropi_pl.influence.factorised import FactorisedProjection
 from cropi_pl.influence.gradients import POPIGradients
-from cropi_pl.influence.popi import POPIConfig, behaviour_logps
+from cropi_pl.influence.popi import POPIConfig, behaviour_logps, gradient_mode
 from cropi_pl.influence.trajectories import PromptTrajectories, zero_mask
 from tests.models import tiny_llama
 
@@ -291,6 +291,35 @@ def test_hooks_refuse_modules_without_a_rule() -> None:
     assert POPIGradients(model, POPIConfig()).method == "loop"  # the measured CPU default
     with pytest.raises(ValueError, match="method must be one of"):
         POPIGradients(model, POPIConfig(), method="jacrev")  # type: ignore[arg-type]
+
+
+def test_eager_attention_gives_the_same_gradients_and_the_kernel_is_restored() -> None:
+    model = popi_llama(24)
+    trajs = random_trajs(perturbed(model, 0.05, 25), n=6, seed=26)
+    assert model.config._attn_implementation == "sdpa"
+    eager = POPIGradients(model, POPIConfig(attn_implementation="eager"), 3, "hooks")
+    got, ref = collect(eager, trajs), collect(POPIGradients(model, POPIConfig(), 3, "loop"), trajs)
+    assert model.config._attn_implementation == "sdpa"
+    assert sorted(got) == sorted(ref) and len(ref) == 4
+    for i in got:
+        assert ref[i].norm() > 0 and rel_err(got[i], ref[i]) < TOL, i
+    with pytest.raises(ValueError, match="Sequential has no set_attn_implementation"):
+        with gradient_mode(torch.nn.Sequential(torch.nn.Linear(2, 2)), eager.config):
+            pass
+
+
+@pytest.mark.parametrize("method", ["loop", "hooks"])
+def test_bf16_autocast_gradients_stay_close_to_fp32(method: str) -> None:
+    """bf16 matmuls with fp32 accumulation (the hooks' per-prompt sums included) against the
+    fp32 loop: each gradient within bf16 rounding, never identical (the pass did run in bf16)."""
+    model = popi_llama(27)
+    trajs = random_trajs(perturbed(model, 0.05, 28), n=7, seed=29)
+    config = POPIConfig(autocast_bf16=True, attn_implementation="eager")
+    got = collect(POPIGradients(model, config, 4, method), trajs)
+    ref = collect(POPIGradients(model, POPIConfig(), 4, "loop"), trajs)
+    assert sorted(got) == sorted(ref) and len(ref) == 4
+    for i in got:
+        assert 0 < rel_err(got[i], ref[i]) < 0.03, i
 
 
 def test_behaviour_logps_match_unbatched_forward() -> None:

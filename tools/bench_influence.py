@@ -511,6 +511,7 @@ def factorised_side(model: nn.Module, dim: int, pattern: str | None = None) -> i
 
 COMPILED_FIRST = "countsketch, torch.compile, first pass (compiles)"
 COMPILED_AFTER = "countsketch, torch.compile, second pass"
+BF16_HOOKS = "countsketch k={k}, bf16 autocast, eager attention, hooks"  # the config's pass
 
 
 def embedded_rows(
@@ -540,6 +541,9 @@ def embedded_rows(
     options[f"countsketch k={k}, hooks (8 prompts/backward)"] = InfluenceScorer(
         projection=sketch, method="hooks"
     )
+    options[BF16_HOOKS.format(k=k)] = InfluenceScorer(
+        POPIConfig(autocast_bf16=True, attn_implementation="eager"), sketch, method="hooks"
+    )
     options[f"factorised {side}x{side} per linear layer"] = InfluenceScorer(
         projection=sketch, factorised=(side, side)
     )
@@ -564,10 +568,12 @@ def embedded_rows(
 
 
 # ---------------------------------------------------------------------------------- roofline
-def gemm_peak(threads: int, size: int = 1024, repeats: int = 10) -> float:
-    """Best fp32 FLOP/s of square matmuls (the machine's attainable GEMM throughput)."""
+def gemm_peak(
+    threads: int, size: int = 1024, repeats: int = 10, dtype: torch.dtype = torch.float32
+) -> float:
+    """Best FLOP/s of square ``dtype`` matmuls (the machine's attainable GEMM throughput)."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
@@ -639,6 +645,8 @@ def embedded_section(config: BenchConfig) -> dict[str, Any]:
     flops = pass_flops(model, work.pool) + pass_flops(model, work.targets)
     achieved = flops / sketch_row.extra["seconds"]
     after = next((r for r in rows if r.name == COMPILED_AFTER), None)
+    bf16 = next((r for r in rows if r.name == BF16_HOOKS.format(k=config.default_dim)), None)
+    bf16_peak = gemm_peak(config.threads, dtype=torch.bfloat16)
     return {
         "model": config.model,
         "num_params": sum(p.numel() for p in model.parameters()),
@@ -662,6 +670,10 @@ def embedded_section(config: BenchConfig) -> dict[str, Any]:
             "fraction_of_model_shape_gemm": achieved / shape_rate,
             "compiled_second_pass_fraction_of_peak": (
                 None if after is None else flops / after.extra["seconds"] / peak
+            ),
+            "bf16_gemm_peak_flops": bf16_peak,
+            "bf16_hooks_fraction_of_bf16_peak": (
+                None if bf16 is None else flops / bf16.extra["seconds"] / bf16_peak
             ),
             "counted": "6 FLOPs per token and linear weight (forward 2, backward 4), padded "
             "(K, T) blocks of the eligible pool and target prompts, countsketch k=default "
@@ -711,7 +723,8 @@ def selection_section(config: BenchConfig) -> dict[str, Any]:
     chosen = {name: scorer.target_subset(trajs) for name, trajs in targets.items()}
     exact = {name: combined_pass(model, pool, trajs, {}).exact for name, trajs in chosen.items()}
     flops = pass_flops(model, pool) + sum(pass_flops(model, trajs) for trajs in chosen.values())
-    peak = gemm_peak(config.threads)
+    dtype = torch.bfloat16 if scorer.popi.autocast_bf16 else torch.float32
+    peak = gemm_peak(config.threads, dtype=dtype)
     options = {"config": scorer, **selection_options(model, scorer)}
     measured_options = {}
     for name, option in options.items():
@@ -737,6 +750,7 @@ def selection_section(config: BenchConfig) -> dict[str, Any]:
         "agreement_precision_at_10pct": measured_options["config"]["agreement_precision_at_10pct"],
         "pass_flops": flops,
         "gemm_peak_flops": peak,
+        "gemm_peak_dtype": str(dtype).removeprefix("torch."),  # the config's pass runs in it
         "flop_floor_step_equivalents": flops / peak / step_s,
         "options": measured_options,
     }
@@ -744,8 +758,9 @@ def selection_section(config: BenchConfig) -> dict[str, Any]:
 
 def selection_options(model: nn.Module, scorer: InfluenceScorer) -> dict[str, InfluenceScorer]:
     """Variants of the config's scorer: other CountSketch seeds at its k and at 4k (CountSketch's
-    cost does not depend on k), fewer responses, the last layer + head only, and all prompts of
-    a batch in one hooked backward."""
+    cost does not depend on k), fewer responses, the last layer + head only, float32 instead of
+    bf16 autocast, one backward per prompt, and the previous default (the float32 per-prompt
+    loop through the model's own attention kernel)."""
 
     def variant(**changes: Any) -> InfluenceScorer:
         settings = {
@@ -773,7 +788,12 @@ def selection_options(model: nn.Module, scorer: InfluenceScorer) -> dict[str, In
         "last layer + head": variant(
             popi=replace(scorer.popi, param_filter=last_layer_filter(model))
         ),
-        "hooks, 8 prompts per batch": variant(method="hooks", prompts_per_batch=8),
+        "float32 (no autocast)": variant(popi=replace(scorer.popi, autocast_bf16=False)),
+        "loop (one backward per prompt)": variant(method="loop"),
+        "previous default: float32 loop, sdpa": variant(
+            method="loop",
+            popi=replace(scorer.popi, autocast_bf16=False, attn_implementation=None),
+        ),
     }
 
 

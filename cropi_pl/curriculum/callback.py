@@ -121,7 +121,8 @@ class CurriculumCallback(L.Callback):
         stage_steps: optimizer steps per stage.
         reselect: select again at every stage (CROPI); ``False`` keeps stage 0's subset
             (single-stage "static" influence).
-        popi: off-policy gradient options (ratio clipping, reweighting, parameter subset).
+        popi: off-policy gradient options (ratio clipping, reweighting, parameter subset,
+            bf16 autocast, attention kernel of the pass).
         projection: sparse random projection (dimension, kept fraction, kind, seed).
         prompts_per_batch: prompts per backward pass in the influence pass.
         responses_per_prompt: stored responses used per prompt (None: all K); fewer make the

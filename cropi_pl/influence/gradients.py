@@ -42,15 +42,15 @@ def hooked_backward(
 ) -> dict[str, list[tuple[Tensor, Tensor]]]:
     """(first input, output gradient) of every call of each of ``modules`` in one forward and
     backward of the block's (p*K, T) rows under ``batch_loss``. Parameter gradients are never
-    accumulated: autograd only differentiates down to the hooked outputs."""
+    accumulated: autograd only differentiates down to the hooked outputs. The tensors keep the
+    dtypes the pass ran in; each consumer chooses the precision of its per-prompt sums."""
     p, k, t = block.input_ids.shape
     inputs: dict[str, list[Tensor]] = {name: [] for name in modules}
     outputs: dict[str, list[Tensor]] = {name: [] for name in modules}
 
     def capture(name: str) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
         def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-            x = args[0].detach()
-            inputs[name].append(x.float() if x.is_floating_point() else x)
+            inputs[name].append(args[0].detach())
             outputs[name].append(output)
 
         return hook
@@ -62,8 +62,7 @@ def hooked_backward(
         for handle in handles:
             handle.remove()
     hooked = [y for name in modules for y in outputs[name]]
-    grads = torch.autograd.grad(batch_loss(logits, block, config), hooked)
-    out_grads = iter(g.float() for g in grads)  # per-prompt sums accumulate in float32
+    out_grads = iter(torch.autograd.grad(batch_loss(logits, block, config), hooked))
     return {name: [(x, next(out_grads)) for x in inputs[name]] for name in modules}
 
 
@@ -72,8 +71,18 @@ def hooked_backward(
 _Rule = Callable[[nn.Module, Tensor, Tensor, int], dict[str, Tensor]]
 
 
+def _summable(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """Under autocast the per-prompt matmuls run in bf16 with fp32 accumulation, like the pass
+    itself (upcasting first would only be cast back); otherwise in float32, so a bf16 model's
+    per-prompt sums still accumulate in float32."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x, g
+    return x.float(), g.float()
+
+
 def _linear_rule(module: nn.Module, x: Tensor, g: Tensor, p: int) -> dict[str, Tensor]:
     """y = x W^T + b: dW = sum over the prompt's tokens of g x^T, db = sum of g."""
+    x, g = _summable(x, g)
     x = x.reshape(p, -1, x.shape[-1])
     g = g.reshape(p, -1, g.shape[-1])
     out = {"weight": torch.bmm(g.transpose(1, 2), x)}
@@ -88,7 +97,7 @@ def _embedding_rule(module: nn.Module, ids: Tensor, g: Tensor, p: int) -> dict[s
     vocab, width = module.weight.shape
     ids = ids.reshape(p, -1)
     index = (ids + vocab * torch.arange(p, device=ids.device)[:, None]).reshape(-1)
-    g = g.reshape(-1, width)
+    g = g.float().reshape(-1, width)  # index_add_ adds row by row: accumulate in float32
     if module.padding_idx is not None:
         keep = ids.reshape(-1) != module.padding_idx
         index, g = index[keep], g[keep]
@@ -100,7 +109,7 @@ def _rms_norm_rule(module: nn.Module, x: Tensor, g: Tensor, p: int) -> dict[str,
     """HF Llama-family RMSNorm, y = w * (x / rms(x)) computed in float32: dw = sum of g * x/rms."""
     x32 = x.float()
     normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
-    return {"weight": (g * normed.to(x.dtype)).reshape(p, -1, x.shape[-1]).sum(1)}
+    return {"weight": (g.float() * normed).reshape(p, -1, x.shape[-1]).sum(1)}
 
 
 def _rule(module: nn.Module) -> _Rule | None:
@@ -126,9 +135,11 @@ class POPIGradients:
     short sequences, O(T^2) memory per head), so the attention implementation is left to the caller.
 
     ``method`` (module doc): None picks "vmap" on CUDA and "loop" elsewhere: on the 2-core CPU a
-    whole ``configs/cropi_tiny.yaml`` pass took 14.8 s with the loop and 13.9-15.9 s with "hooks"
-    at 4-16 prompts per batch on one thread, 10.7 s and 9.3-10.4 s on two (idle, one run each;
-    ``tools/bench_influence.py``'s selection section sees 0.9-1.5x from run to run): no clear win.
+    whole float32 ``configs/cropi_tiny.yaml`` pass took 14.8 s with the loop and 13.9-15.9 s with
+    "hooks" at 4-16 prompts per batch on one thread, 10.7 s and 9.3-10.4 s on two (idle, one run
+    each; ``tools/bench_influence.py``'s selection section sees 0.9-1.5x from run to run): no
+    clear win. Under bf16 autocast with eager attention "hooks" wins (the config's choice): its
+    batched matmuls are where bf16 units pay.
     "hooks" sees a parameter only through its modules' forward calls: a model that uses a weight
     functionally elsewhere needs "loop" or "vmap". A model that fails under vmap falls back to
     "loop" with a warning.

@@ -51,7 +51,13 @@ class POPIConfig:
     shortens the backward pass: autograd stops below the lowest selected parameter.
     ``autocast_bf16``: run the forward and backward under bfloat16 autocast (matmuls in bf16 with
     fp32 accumulation; log-probs, the loss and the returned gradients stay float32). Pays off where
-    bf16 matmuls are fast (GPUs, CPUs with AMX); on other CPUs it is slower than fp32.
+    bf16 matmuls are fast: GPUs, and CPUs with bf16 units (``avx512_bf16`` or AMX in
+    ``/proc/cpuinfo``; 2.4-3.8x fp32's rate at the embedded policy's shapes on this project's
+    2-core VM). Elsewhere bf16 is emulated and slower than fp32.
+    ``attn_implementation``: the HF attention kernel during the pass (e.g. "eager", "sdpa"),
+    restored afterwards; None keeps the model's. On CPU, for short sequences and small heads,
+    "eager" beats "sdpa", whose fused backward is slow there, in bf16 about 4x slower than in
+    fp32 (``tools/bench_influence.py``).
     """
 
     ratio_mode: RatioMode = "none"
@@ -60,6 +66,7 @@ class POPIConfig:
     adv_eps: float = 1e-4
     param_filter: str | None = None
     autocast_bf16: bool = False
+    attn_implementation: str | None = None
 
     def __post_init__(self) -> None:
         if self.ratio_mode not in _RATIO_MODES:
@@ -231,11 +238,33 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
+def attention_kernel(model: nn.Module, name: str | None) -> Iterator[None]:
+    """``model`` runs HF attention ``name`` inside the block and its own kernel again after it."""
+    if name is None:
+        yield
+        return
+    config = getattr(model, "config", None)
+    switch = getattr(model, "set_attn_implementation", None)
+    if config is None or not callable(switch):
+        raise ValueError(
+            f"popi.attn_implementation={name!r} needs a transformers model; "
+            f"{type(model).__name__} has no set_attn_implementation"
+        )
+    previous = config._attn_implementation
+    switch(name)
+    try:
+        yield
+    finally:
+        switch(previous)
+
+
+@contextmanager
 def gradient_mode(model: nn.Module, config: POPIConfig) -> Iterator[None]:
-    """Eval mode, under bfloat16 autocast when ``config.autocast_bf16``."""
+    """Eval mode and ``config.attn_implementation``, under bfloat16 autocast when
+    ``config.autocast_bf16``."""
     device = next(model.parameters()).device
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=config.autocast_bf16)
-    with eval_mode(model), autocast:
+    with eval_mode(model), attention_kernel(model, config.attn_implementation), autocast:
         yield
 
 
