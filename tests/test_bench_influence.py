@@ -185,9 +185,11 @@ def test_tiny_end_to_end_run(tmp_path):
     names = [r["name"] for r in result["embedded"]["rows"]]
     assert names[0] == "countsketch k=16" and any(n.startswith("factorised") for n in names)
     smol = result["smollm2"]
-    assert set(smol["rows"]) == {"reference", "default", "subset", "factorised"}
+    assert set(smol["rows"]) == {"reference", "default", "subset", "factorised", "bf16 hooks"}
     for name in ("default", "subset", "factorised"):  # the timed path gives the scored vectors
         assert smol["rows"][name]["max_rel_diff_vs_combined_pass"] < 1e-4
+    assert 0 < smol["rows"]["bf16 hooks"]["max_rel_diff_vs_combined_pass"] < 0.05  # bf16 rounding
+    assert 0 <= smol["rows"]["bf16 hooks"]["precision_at_10pct"] <= 1
     assert smol["speedup_vs_reference"] > 0
     assert "| embedded: countsketch k=16 |" in result["table"]
     config = bench.BenchConfig(sections=(), dims=(16,), default_dim=16)

@@ -132,6 +132,7 @@ class BenchConfig:
     threads: int = 2
     seed: int = 0
     smol_max_eligible: int = 120
+    smol_prompts_per_batch: int = 4  # the bf16 hooks row: 4 full gradients of SmolLM2 at a time
     skip_options: tuple[str, ...] = ()  # embedded options whose name contains one of these
     sections: tuple[str, ...] = ("embedded", "selection", "smollm2")
     update: bool = False
@@ -798,7 +799,8 @@ def selection_options(model: nn.Module, scorer: InfluenceScorer) -> dict[str, In
 
 
 def smollm2_section(config: BenchConfig) -> dict[str, Any]:
-    """Reference vs our default vs the factorised path (and a parameter subset) at one k."""
+    """Reference vs our default vs the factorised path (and a parameter subset, and the default
+    in bf16 autocast with eager attention and hooks) at one k."""
     model, tokenizer = load_model(config.smol_model)
     work = smol_workload(model, tokenizer, config)
     k = config.smol_dim
@@ -837,12 +839,23 @@ def smollm2_section(config: BenchConfig) -> dict[str, Any]:
         "default": InfluenceScorer(projection=sketch, method="loop"),
         "subset": InfluenceScorer(POPIConfig(param_filter=subset_filter), sketch, method="loop"),
         "factorised": InfluenceScorer(projection=sketch, factorised=(side, side)),
+        "bf16 hooks": InfluenceScorer(
+            POPIConfig(autocast_bf16=True, attn_implementation="eager"),
+            sketch,
+            prompts_per_batch=config.smol_prompts_per_batch,
+            method="hooks",
+        ),
     }
+    # the bf16 pass's vectors differ from the float32 ones, so it scores the pool on its own
+    scored = engines["bf16 hooks"].score(model, pool, {"t": work.targets}, progress=False)
+    precision["bf16 hooks"] = fidelity(
+        scored.scores["t"].double(), combined.exact, config.bootstrap, config.seed
+    )
     timing = {}
     for name, scorer in engines.items():
         with measured() as section:
             vectors, _ = scorer.project(model, timed, progress=False)
-        expected = combined.vectors[name][: len(timed)]
+        expected = combined.vectors["default" if name == "bf16 hooks" else name][: len(timed)]
         timing[name] = {
             "seconds_per_prompt": section.seconds / len(timed),
             "peak_bytes": section.peak_bytes,
@@ -871,7 +884,7 @@ def smollm2_section(config: BenchConfig) -> dict[str, Any]:
         },
         **{
             name: {**timing[name], **precision[name]}
-            for name in ("default", "subset", "factorised")
+            for name in ("default", "subset", "factorised", "bf16 hooks")
         },
     }
     default = rows["default"]
@@ -895,6 +908,7 @@ def smollm2_section(config: BenchConfig) -> dict[str, Any]:
         "speedup_vs_reference": t_ref / default["seconds_per_prompt"],
         "factorised_speedup_vs_reference": t_ref / rows["factorised"]["seconds_per_prompt"],
         "subset_speedup_vs_reference": t_ref / rows["subset"]["seconds_per_prompt"],
+        "bf16_hooks_speedup_vs_reference": t_ref / rows["bf16 hooks"]["seconds_per_prompt"],
     }
 
 
