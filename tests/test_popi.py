@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import math
 import statistics
+import warnings
 from collections.abc import Iterator
 
 import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from cropi_pl.influence import popi
 from cropi_pl.influence.factorised import FactorisedProjection
 from cropi_pl.influence.gradients import POPIGradients
 from cropi_pl.influence.popi import POPIConfig, behaviour_logps, gradient_mode
@@ -322,6 +324,26 @@ def test_bf16_autocast_gradients_stay_close_to_fp32(method: str) -> None:
     for i in got:
         assert 0 < rel_err(got[i], ref[i]) < 0.03, i
         assert torch.equal(got[i], again[i]), i  # deterministic: same selection on a re-run
+
+
+def test_bf16_autocast_warns_on_a_cpu_without_bf16_units(tmp_path, monkeypatch) -> None:
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.write_text("flags\t\t: fpu sse2 avx2 avx512f\n")
+    new.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    assert popi.cpu_bf16_units(str(old)) is False and popi.cpu_bf16_units(str(new)) is True
+    assert popi.cpu_bf16_units(str(tmp_path / "missing")) is None
+    model = popi_llama(30)
+    config = POPIConfig(autocast_bf16=True)
+    monkeypatch.setattr(popi, "cpu_bf16_units", lambda: False)
+    with pytest.warns(UserWarning, match="without bf16 units"):
+        with gradient_mode(model, config):
+            pass
+    for units in (True, None):
+        monkeypatch.setattr(popi, "cpu_bf16_units", lambda units=units: units)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with gradient_mode(model, config):
+                pass
 
 
 def test_behaviour_logps_match_unbatched_forward() -> None:

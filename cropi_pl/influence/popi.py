@@ -19,9 +19,11 @@ and the loss masks the pad positions (pads get exactly zero gradient).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, NamedTuple
 
 import torch
@@ -53,7 +55,7 @@ class POPIConfig:
     fp32 accumulation; log-probs, the loss and the returned gradients stay float32). Pays off where
     bf16 matmuls are fast: GPUs, and CPUs with bf16 units (``avx512_bf16`` or AMX in
     ``/proc/cpuinfo``; 2.4-3.8x fp32's rate at the embedded policy's shapes on this project's
-    2-core VM). Elsewhere bf16 is emulated and slower than fp32.
+    2-core VM). Elsewhere bf16 is emulated and slower than fp32, and the pass warns.
     ``attn_implementation``: the HF attention kernel during the pass (e.g. "eager", "sdpa"),
     restored afterwards; None keeps the model's. On CPU, for short sequences and small heads,
     "eager" beats "sdpa", whose fused backward is slow there, in bf16 about 4x slower than in
@@ -258,11 +260,31 @@ def attention_kernel(model: nn.Module, name: str | None) -> Iterator[None]:
         switch(previous)
 
 
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_bf16_units(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
+    """Whether the CPU has bf16 matmul units (``avx512_bf16`` or AMX); None where the flags
+    cannot be read (not Linux)."""
+    try:
+        flags = Path(cpuinfo).read_text().split()
+    except OSError:
+        return None
+    return any(flag in flags for flag in _BF16_FLAGS)
+
+
 @contextmanager
 def gradient_mode(model: nn.Module, config: POPIConfig) -> Iterator[None]:
     """Eval mode and ``config.attn_implementation``, under bfloat16 autocast when
-    ``config.autocast_bf16``."""
+    ``config.autocast_bf16`` (with a warning on a CPU that emulates bf16: slower than fp32)."""
     device = next(model.parameters()).device
+    if config.autocast_bf16 and device.type == "cpu" and cpu_bf16_units() is False:
+        warnings.warn(
+            "popi.autocast_bf16 on a CPU without bf16 units (no avx512_bf16 or amx_bf16 in "
+            "/proc/cpuinfo): the influence pass runs slower than in float32; set "
+            "autocast_bf16: false",
+            stacklevel=3,
+        )
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=config.autocast_bf16)
     with eval_mode(model), attention_kernel(model, config.attn_implementation), autocast:
         yield
