@@ -513,6 +513,7 @@ def factorised_side(model: nn.Module, dim: int, pattern: str | None = None) -> i
 COMPILED_FIRST = "countsketch, torch.compile, first pass (compiles)"
 COMPILED_AFTER = "countsketch, torch.compile, second pass"
 BF16_HOOKS = "countsketch k={k}, bf16 autocast, eager attention, hooks"  # the config's pass
+BF16_POPI = POPIConfig(autocast_bf16=True, attn_implementation="eager")  # as configs/cropi_tiny
 
 
 def embedded_rows(
@@ -542,9 +543,7 @@ def embedded_rows(
     options[f"countsketch k={k}, hooks (8 prompts/backward)"] = InfluenceScorer(
         projection=sketch, method="hooks"
     )
-    options[BF16_HOOKS.format(k=k)] = InfluenceScorer(
-        POPIConfig(autocast_bf16=True, attn_implementation="eager"), sketch, method="hooks"
-    )
+    options[BF16_HOOKS.format(k=k)] = InfluenceScorer(BF16_POPI, sketch, method="hooks")
     options[f"factorised {side}x{side} per linear layer"] = InfluenceScorer(
         projection=sketch, factorised=(side, side)
     )
@@ -840,7 +839,7 @@ def smollm2_section(config: BenchConfig) -> dict[str, Any]:
         "subset": InfluenceScorer(POPIConfig(param_filter=subset_filter), sketch, method="loop"),
         "factorised": InfluenceScorer(projection=sketch, factorised=(side, side)),
         "bf16 hooks": InfluenceScorer(
-            POPIConfig(autocast_bf16=True, attn_implementation="eager"),
+            BF16_POPI,
             sketch,
             prompts_per_batch=config.smol_prompts_per_batch,
             method="hooks",

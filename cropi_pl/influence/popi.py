@@ -18,6 +18,7 @@ and the loss masks the pad positions (pads get exactly zero gradient).
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -245,14 +246,13 @@ def attention_kernel(model: nn.Module, name: str | None) -> Iterator[None]:
     if name is None:
         yield
         return
-    config = getattr(model, "config", None)
     switch = getattr(model, "set_attn_implementation", None)
-    if config is None or not callable(switch):
+    if not callable(switch):
         raise ValueError(
             f"popi.attn_implementation={name!r} needs a transformers model; "
             f"{type(model).__name__} has no set_attn_implementation"
         )
-    previous = config._attn_implementation
+    previous = model.config._attn_implementation
     switch(name)
     try:
         yield
@@ -263,9 +263,10 @@ def attention_kernel(model: nn.Module, name: str | None) -> Iterator[None]:
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
+@functools.cache
 def cpu_bf16_units(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
     """Whether the CPU has bf16 matmul units (``avx512_bf16`` or AMX); None where the flags
-    cannot be read (not Linux)."""
+    cannot be read (not Linux). Read once per process: every pass asks."""
     try:
         flags = Path(cpuinfo).read_text().split()
     except OSError:
