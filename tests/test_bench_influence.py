@@ -198,8 +198,8 @@ def test_tiny_end_to_end_run(tmp_path):
 
 
 def test_selection_section_runs_the_config(tmp_path):
-    """The selection section fits a config (here the 3-stage test curriculum, 3 steps), prices
-    its first pass in that run's steps, and scores each option against exact cosines."""
+    """The selection section fits a config (here the test curriculum, 3 steps of 2-step stages),
+    prices its passes in that run's steps, and scores each option against exact cosines."""
     out = tmp_path / "bench.json"
     config = Path(__file__).parent / "configs" / "cropi_test.yaml"
     argv = [
@@ -209,10 +209,15 @@ def test_selection_section_runs_the_config(tmp_path):
     assert bench.main(argv) == 0
     section = json.loads(out.read_text())["selection"]
     assert section["train_steps_timed"] == 2 and section["train_step_seconds"] > 0
+    passes = section["fit_pass_seconds"]
+    assert len(passes) == 2 and min(passes) > 0  # stages start at steps 0 and 2
     assert section["step_equivalents"] == pytest.approx(
-        section["fit_pass_seconds"] / section["train_step_seconds"]
+        sum(passes) / 2 / section["train_step_seconds"]
     )
-    assert section["fit_selection_seconds_with_collection"] > section["fit_pass_seconds"] > 0
+    assert section["first_pass_step_equivalents"] == pytest.approx(
+        passes[0] / section["train_step_seconds"]
+    )
+    assert section["fit_selection_seconds_with_collection"] > passes[0]
     assert section["pass_flops"] > 0 and section["gemm_peak_flops"] > 0
     assert section["gemm_peak_dtype"] == "float32"  # the test config runs no autocast
     assert section["flop_floor_step_equivalents"] == pytest.approx(
@@ -222,7 +227,9 @@ def test_selection_section_runs_the_config(tmp_path):
     sketches = {f"k={k}, sketch seed {s}" for k in (256, 1024) for s in (1, 2, 3)}
     same_gradients = {
         "float32 (no autocast)", "loop (one backward per prompt)",
-        "previous default: float32 loop, sdpa",
+        "previous default: every response, 8 prompts per backward",
+        "float32 loop, sdpa (the default before bf16)",
+        *(f"{n} prompts per backward" for n in (16, 24, 32)),
     }  # fmt: skip
     assert set(section["options"]) == {
         "config", "K'=4", "last layer + head", *same_gradients, *sketches

@@ -14,7 +14,7 @@ from transformers import LlamaForCausalLM
 
 from cropi_pl.influence import popi
 from cropi_pl.influence.factorised import FactorisedProjection
-from cropi_pl.influence.gradients import POPIGradients
+from cropi_pl.influence.gradients import POPIGradients, segment_outer
 from cropi_pl.influence.popi import POPIConfig, behaviour_logps, gradient_mode
 from cropi_pl.influence.trajectories import PromptTrajectories, zero_mask
 from tests.models import tiny_llama
@@ -203,6 +203,66 @@ def test_offpolicy_gradient_matches_per_token_bruteforce(config: POPIConfig) -> 
     if config.ratio_mode != "none":
         n_tokens = sum(len(c) for t in trajs for c in t.completion_ids)
         assert 0 < bounded_total < n_tokens
+
+
+def with_copies(traj: PromptTrajectories, copies: list[int]) -> PromptTrajectories:
+    """Response i stored copies[i] times, the copies spread over the K rows (not adjacent)."""
+    order = [i for round_ in range(max(copies)) for i, c in enumerate(copies) if round_ < c]
+    return PromptTrajectories(
+        traj.prompt_ids,
+        [list(traj.completion_ids[i]) for i in order],
+        [list(traj.behaviour_logps[i]) for i in order],
+        [traj.rewards[i] for i in order],
+    )
+
+
+@pytest.mark.parametrize("method", ["loop", "vmap", "hooks"])
+@pytest.mark.parametrize(
+    "config",
+    [POPIConfig(), POPIConfig(ratio_mode="truncate", ratio_bound=0.2, reweight_group_stats=True)],
+    ids=["none", "truncate+reweight"],
+)
+def test_identical_responses_run_once_and_count_as_copies(method: str, config: POPIConfig) -> None:
+    """Stored responses repeated 1-3 times: each distinct (completion, reward) is one row of the
+    block, and the gradient is still the per-token brute force over all K stored responses. A
+    repeated completion with another reward stays a row of its own."""
+    beta = popi_llama(30)
+    base = random_trajs(beta, n=4, seed=31, equal_every=10)
+    trajs = [
+        with_copies(t, [1 + (i + j) % 3 for i in range(len(t.rewards))]) for j, t in enumerate(base)
+    ]
+    clash = trajs[0]
+    clash.completion_ids.append(list(clash.completion_ids[0]))
+    clash.behaviour_logps.append(list(clash.behaviour_logps[0]))
+    clash.rewards.append(1.0 - clash.rewards[0])
+    block = popi.collate(trajs, torch.device("cpu"))
+    distinct = [len(t.rewards) for t in base]
+    distinct[0] += 1
+    assert popi.prompt_rows(block) == distinct
+    assert block.copies.sum(-1).tolist() == [len(t.rewards) for t in trajs]
+    assert all(len(t.rewards) > d for t, d in zip(trajs, distinct, strict=True))
+
+    model = perturbed(beta, 0.05, 32)
+    grads = POPIGradients(model, config, prompts_per_batch=3, method=method)
+    got = collect(grads, trajs)
+    assert sorted(got) == [0, 1, 2, 3] and grads.method == method
+    for i, g in got.items():
+        loss, _ = bruteforce_loss(model, trajs[i], config)
+        assert rel_err(g, flat_grad(model, loss, grads.param_names)) < TOL, i
+
+
+@pytest.mark.parametrize("sizes", [[6, 6, 6], [5, 5, 1, 9, 9, 3, 5]], ids=["equal", "runs"])
+def test_segment_outer_sums_each_prompts_outer_products(sizes: list[int]) -> None:
+    gen = torch.Generator().manual_seed(len(sizes))
+    g, x = torch.randn(sum(sizes), 4, generator=gen), torch.randn(sum(sizes), 3, generator=gen)
+    got = segment_outer(g, x, sizes)
+    start, expected = 0, []
+    for n in sizes:
+        rows = range(start, start + n)
+        expected.append(sum(torch.outer(g[t], x[t]) for t in rows))
+        start += n
+    assert got.shape == (len(sizes), 4, 3)
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-5, atol=1e-6)
 
 
 def test_param_filter_restricts_layout() -> None:

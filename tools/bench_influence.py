@@ -79,7 +79,7 @@ from cropi_pl.influence.collector import Collector, SamplingSettings
 from cropi_pl.influence.factorised import FactorisedProjection
 from cropi_pl.influence.fingerprints import fingerprint_model, fingerprint_rows
 from cropi_pl.influence.gradients import POPIGradients, hooked_backward
-from cropi_pl.influence.popi import POPIConfig, collate, gradient_mode
+from cropi_pl.influence.popi import POPIConfig, collate, distinct_responses, gradient_mode
 from cropi_pl.influence.projection import ProjectionConfig, SparseProjector
 from cropi_pl.influence.scorer import InfluenceScorer
 from cropi_pl.influence.selection import selection_size
@@ -90,6 +90,7 @@ from cropi_pl.rewards.numeric import ExactNumberReward
 from cropi_pl.tasks.arithmetic import generate_tasks
 
 PRECISION_TARGET = 0.90
+SELECTION_STAGE_STEPS = 2  # the selection section's fit reselects every 2 steps
 SPEEDUP_TARGET = 5.0
 GEMM_TARGET = 0.60
 STEP_TARGET = 3.0
@@ -126,7 +127,7 @@ class BenchConfig:
     smol_timed: int = 6
     reference_slice: int = 1 << 15  # a (slice, k) fp32 matrix: 1 GiB at k = 8192
     bootstrap: int = 1000
-    train_steps: int = 4
+    train_steps: int = 8
     selection_config: str = "configs/cropi_tiny.yaml"
     selection_overrides: tuple[str, ...] = ()  # --key=value CLI arguments, comma-separated
     threads: int = 2
@@ -403,7 +404,7 @@ def combined_pass(
             for i in eligible(trajs):
                 start = time.perf_counter()
                 calls = hooked_backward(model, modules, collate([trajs[i]], device), grads.config)
-                flat = {k: v[0].reshape(-1) for k, v in grads.grads_from_calls(calls, 1).items()}
+                flat = {k: v[0].reshape(-1) for k, v in grads.grads_from_calls(calls).items()}
                 seconds += time.perf_counter() - start
                 count += 1
                 if count % 10 == 0:
@@ -417,7 +418,7 @@ def combined_pass(
                             projector.add(state, at - offset, flat[param][None])
                     vectors[name] = projector.finish(state)[0]
                 if factorised is not None:
-                    vectors["factorised"] = factorised.project_calls(calls, 1)[0]
+                    vectors["factorised"] = factorised.project_calls(calls)[0]
                 yield flat, vectors
 
     mean: dict[str, Tensor] = {}
@@ -602,8 +603,10 @@ def model_gemm_rate(model: nn.Module, tokens: int, repeats: int = 5) -> float:
 
 
 def block_tokens(traj: PromptTrajectories) -> int:
-    """K x T rows of a prompt's padded block, as one loop backward computes it."""
-    return len(traj.completion_ids) * (len(traj.prompt_ids) + max(map(len, traj.completion_ids)))
+    """U x T rows of a prompt's padded block of distinct responses, as one loop backward
+    computes it."""
+    length = len(traj.prompt_ids) + max(map(len, traj.completion_ids))
+    return len(distinct_responses(traj)) * length
 
 
 def mean_block_tokens(trajs: Sequence[PromptTrajectories]) -> int:
@@ -614,7 +617,7 @@ def mean_block_tokens(trajs: Sequence[PromptTrajectories]) -> int:
 
 def pass_flops(model: nn.Module, trajs: Sequence[PromptTrajectories]) -> float:
     """Forward (2) + backward (4) FLOPs per token and linear weight, over the eligible prompts'
-    padded (K, T) blocks as the loop computes them (attention scores are left out)."""
+    padded (U, T) blocks as the loop computes them (attention scores are left out)."""
     weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     tokens = sum(block_tokens(trajs[i]) for i in eligible(trajs))
     return 6.0 * weights * tokens
@@ -676,25 +679,28 @@ def embedded_section(config: BenchConfig) -> dict[str, Any]:
                 None if bf16 is None else flops / bf16.extra["seconds"] / bf16_peak
             ),
             "counted": "6 FLOPs per token and linear weight (forward 2, backward 4), padded "
-            "(K, T) blocks of the eligible pool and target prompts, countsketch k=default "
-            "row (loop method), attention scores not counted",
+            "(U, T) blocks of distinct responses of the eligible pool and target prompts, "
+            "countsketch k=default row (loop method), attention scores not counted",
         },
     }
 
 
 def selection_section(config: BenchConfig) -> dict[str, Any]:
-    """The first stage's influence pass of ``--selection-config`` (``configs/cropi_tiny.yaml``)
-    in that run's own training steps, and each cost option's agreement with exact scores.
+    """The influence passes of ``--selection-config`` (``configs/cropi_tiny.yaml``) in that run's
+    own training steps, and each cost option's agreement with exact scores.
 
-    A ``fit`` of ``train_steps`` + 1 steps runs the config as the README's main command does; its
-    ``selections/stage-000.metrics.json`` gives the pass seconds and its TensorBoard step times
-    the step (the median after the first). The options then score the same cached trajectories
-    with the initial policy (what stage 0 scored), timed, and are compared per target with exact
-    cosines by precision@10% (``agreement``). Stage 0's selection seconds also hold the first
-    trajectory collection, so the pass is priced by the run's ``influence_seconds``. The FLOP
+    A ``fit`` of ``train_steps`` + 1 steps runs the config as the README's main command does,
+    except that a stage lasts ``SELECTION_STAGE_STEPS`` steps, so the fit reselects at steps 0, 2,
+    4, ... (the pool and its cached trajectories do not depend on the stage length). Its
+    ``selections/stage-*.metrics.json`` give each pass's seconds (``influence_seconds``: stage 0's
+    selection seconds also hold the first trajectory collection) and its TensorBoard step times
+    the step (the median after the first). The first pass of a process also pays one-time costs
+    (kernel and buffer set-up for each new shape), so it is reported beside the mean. The options
+    then score the same cached trajectories with the initial policy (what stage 0 scored), timed,
+    and are compared per target with exact cosines by precision@10% (``agreement``). The FLOP
     floor is the pass's forward and backward FLOPs (:func:`pass_flops`) at the machine's GEMM
     peak, in steps: what no implementation of the full-model exact pass gets much below (it
-    counts each prompt's padded block and leaves attention out)."""
+    counts each prompt's padded block of distinct responses and leaves attention out)."""
     from reproduce_acceleration import scalars, step_seconds
 
     from cropi_pl.cli import main as cli_main
@@ -705,9 +711,14 @@ def selection_section(config: BenchConfig) -> dict[str, Any]:
             "--config", config.selection_config, "--trainer.default_root_dir", tmp,
             "--trainer.max_steps", str(config.train_steps + 1), *config.selection_overrides,
         ]  # fmt: skip
-        cli_main(["fit", *args])
+        stages = ["--curriculum.init_args.stage_steps", str(SELECTION_STAGE_STEPS)]
+        cli_main(["fit", *args, *stages])
         run = Path(tmp)
-        metrics = json.loads((run / "selections" / "stage-000.metrics.json").read_text())
+        metrics = [
+            json.loads(path.read_text())
+            for path in sorted((run / "selections").glob("stage-*.metrics.json"))
+        ]
+        passes = [m["curriculum/influence_seconds"] for m in metrics]
         per_step = step_seconds(scalars(run))
         step_s = statistics.median(v for s, v in per_step.items() if s > 0)
         cli = cli_main(args, run=False)
@@ -742,11 +753,12 @@ def selection_section(config: BenchConfig) -> dict[str, Any]:
         "pool_prompts": len(pool),
         "eligible_prompts": len(rows),
         "eligible_targets": {t: len(eligible(trajs)) for t, trajs in targets.items()},
-        "fit_pass_seconds": metrics["curriculum/influence_seconds"],
-        "fit_selection_seconds_with_collection": metrics["curriculum/selection_seconds"],
+        "fit_pass_seconds": passes,  # stage by stage
+        "fit_selection_seconds_with_collection": metrics[0]["curriculum/selection_seconds"],
         "train_step_seconds": step_s,
         "train_steps_timed": len(per_step) - 1,
-        "step_equivalents": metrics["curriculum/influence_seconds"] / step_s,
+        "step_equivalents": statistics.mean(passes) / step_s,
+        "first_pass_step_equivalents": passes[0] / step_s,
         "agreement_precision_at_10pct": measured_options["config"]["agreement_precision_at_10pct"],
         "pass_flops": flops,
         "gemm_peak_flops": peak,
@@ -758,9 +770,10 @@ def selection_section(config: BenchConfig) -> dict[str, Any]:
 
 def selection_options(model: nn.Module, scorer: InfluenceScorer) -> dict[str, InfluenceScorer]:
     """Variants of the config's scorer: other CountSketch seeds at its k and at 4k (CountSketch's
-    cost does not depend on k), fewer responses, the last layer + head only, float32 instead of
-    bf16 autocast, one backward per prompt, and the previous default (the float32 per-prompt
-    loop through the model's own attention kernel)."""
+    cost does not depend on k), other numbers of prompts per backward, fewer responses, the last
+    layer + head only, float32 instead of bf16 autocast, one backward per prompt, the previous
+    default (every stored response, 8 prompts per backward) and the default before bf16 (the
+    float32 per-prompt loop through the model's own attention kernel)."""
 
     def variant(**changes: Any) -> InfluenceScorer:
         settings = {
@@ -782,15 +795,24 @@ def selection_options(model: nn.Module, scorer: InfluenceScorer) -> dict[str, In
         for dim in (scorer.projection.dim, 4 * scorer.projection.dim)
         for seed in (1, 2, 3)
     }
+    batches = {
+        f"{n} prompts per backward": variant(prompts_per_batch=n)
+        for n in (8, 16, 24, 32)
+        if n != scorer.prompts_per_batch
+    }
     return {
         **sketches,
+        **batches,
         "K'=4": variant(responses_per_prompt=4),
         "last layer + head": variant(
             popi=replace(scorer.popi, param_filter=last_layer_filter(model))
         ),
         "float32 (no autocast)": variant(popi=replace(scorer.popi, autocast_bf16=False)),
         "loop (one backward per prompt)": variant(method="loop"),
-        "previous default: float32 loop, sdpa": variant(
+        "previous default: every response, 8 prompts per backward": variant(
+            prompts_per_batch=8, popi=replace(scorer.popi, deduplicate=False)
+        ),
+        "float32 loop, sdpa (the default before bf16)": variant(
             method="loop",
             popi=replace(scorer.popi, autocast_bf16=False, attn_implementation=None),
         ),

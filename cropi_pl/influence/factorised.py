@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from cropi_pl.influence.gradients import hooked_backward
+from cropi_pl.influence.gradients import HookedCalls, hooked_backward, segment_outer
 from cropi_pl.influence.popi import POPIConfig, collate, gradient_mode, plan_batches, vocab_size_of
 from cropi_pl.influence.trajectories import PromptTrajectories
 from cropi_pl.seeding import derive_seed
@@ -23,7 +23,7 @@ class FactorisedProjection:
         vec(G) @ kron(P_out, P_in) = vec(P_out^T G P_in) = sum_tokens outer(P_out^T g, P_in^T x),
     built from the layer inputs (forward hooks) and output gradients (autograd with respect to the
     hooked outputs) in k_out * k_in numbers per layer: the d-dimensional gradient never exists.
-    All prompts of a batch share one ordinary forward/backward as a (p*K, T) batch: rows never
+    All prompts of a batch share one ordinary forward/backward as a (p*U, T) batch: rows never
     interact, so each row's activation gradient is its own prompt's. Biases are not projected
     (LoGra's convention). P_in and P_out are Gaussian / sqrt(k) from a CPU generator seeded by
     (seed, layer name), identical on every machine. Output layout: layers in ``layer_names``
@@ -83,20 +83,16 @@ class FactorisedProjection:
 
     def _project_batch(self, trajs: list[PromptTrajectories]) -> Tensor:
         device = next(iter(self._layers.values())).weight.device
-        block = collate(trajs, device)
-        calls = hooked_backward(self.model, self._layers, block, self.config)
-        return self.project_calls(calls, len(trajs))
+        block = collate(trajs, device, self.config.deduplicate)
+        return self.project_calls(hooked_backward(self.model, self._layers, block, self.config))
 
-    def project_calls(self, calls: dict[str, list[tuple[Tensor, Tensor]]], p: int) -> Tensor:
+    def project_calls(self, hooked: HookedCalls) -> Tensor:
         """(p, dim) projections from ``hooked_backward``'s calls of (at least) ``layers``."""
-        device = next(iter(self._layers.values())).weight.device
         pieces = []
         for name in self.layer_names:
             p_in, p_out = self.projections[name]
-            piece = torch.zeros(p, p_out.shape[1], p_in.shape[1], device=device)
-            for x, g in calls[name]:  # a layer called several times contributes once per call
-                xp = x.reshape(p, -1, x.shape[-1]).float() @ p_in
-                gp = g.reshape(p, -1, g.shape[-1]).float() @ p_out
-                piece += torch.einsum("pna,pnb->pab", gp, xp)
-            pieces.append(piece.reshape(p, -1))
+            piece = 0
+            for x, g in hooked.calls[name]:  # a layer called several times adds once per call
+                piece = piece + segment_outer(g.float() @ p_out, x.float() @ p_in, hooked.sizes)
+            pieces.append(piece.reshape(len(hooked.sizes), -1))
         return torch.cat(pieces, dim=1)

@@ -1,19 +1,21 @@
 """Per-prompt POPI gradients: three engines for the same loss (:mod:`cropi_pl.influence.popi`).
 
-* "hooks": one ordinary forward/backward of all prompts' responses as one (p*K, T) batch under the
-  SUM of the per-prompt losses (rows never interact, so each row's activation gradients are its
-  own prompt's). Module hooks capture every layer's input and output gradient and each prompt's
-  weight gradient is summed over its own rows only (``_rule``: Linear, Embedding, RMSNorm).
+* "hooks": one ordinary forward/backward of the distinct responses of all prompts of a batch as
+  (R, T) rows (no padding rows) under the SUM of the per-prompt losses (rows never interact, so
+  each row's activation gradients are its own prompt's). Module hooks capture every layer's input
+  and output gradient and each prompt's weight gradient is summed over its own rows only
+  (``_rule``: Linear, Embedding, RMSNorm).
 * "vmap": ``torch.func.vmap`` over prompts of ``torch.func.grad`` of the per-prompt loss.
 * "loop": one ``torch.autograd.grad`` per prompt (the reference).
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +30,8 @@ from cropi_pl.influence.popi import (
     logits_of,
     plan_batches,
     prompt_loss,
+    prompt_rows,
+    real_rows,
     vocab_size_of,
 )
 from cropi_pl.influence.projection import SparseProjector
@@ -37,14 +41,21 @@ Method = Literal["loop", "vmap", "hooks"]
 _METHODS = ("loop", "vmap", "hooks")
 
 
+class HookedCalls(NamedTuple):
+    """Every call's (first input, output gradient) of the hooked modules in one forward and
+    backward of ``real_rows``, and the token rows (flattened leading dims) each prompt owns."""
+
+    calls: dict[str, list[tuple[Tensor, Tensor]]]
+    sizes: list[int]
+
+
 def hooked_backward(
     model: nn.Module, modules: dict[str, nn.Module], block: Block, config: POPIConfig
-) -> dict[str, list[tuple[Tensor, Tensor]]]:
-    """(first input, output gradient) of every call of each of ``modules`` in one forward and
-    backward of the block's (p*K, T) rows under ``batch_loss``. Parameter gradients are never
-    accumulated: autograd only differentiates down to the hooked outputs. The tensors keep the
-    dtypes the pass ran in; each consumer chooses the precision of its per-prompt sums."""
-    p, k, t = block.input_ids.shape
+) -> HookedCalls:
+    """One forward and backward of the block's real (R, T) rows under ``batch_loss``, with the
+    (first input, output gradient) of every call of each of ``modules``. Parameter gradients are
+    never accumulated: autograd only differentiates down to the hooked outputs. The tensors keep
+    the dtypes the pass ran in; each consumer chooses the precision of its per-prompt sums."""
     inputs: dict[str, list[Tensor]] = {name: [] for name in modules}
     outputs: dict[str, list[Tensor]] = {name: [] for name in modules}
 
@@ -57,59 +68,93 @@ def hooked_backward(
 
     handles = [m.register_forward_hook(capture(n)) for n, m in modules.items()]
     try:
-        logits = logits_of(model(block.input_ids.reshape(p * k, t)))
+        logits = logits_of(model(real_rows(block)))
     finally:
         for handle in handles:
             handle.remove()
     hooked = [y for name in modules for y in outputs[name]]
     out_grads = iter(torch.autograd.grad(batch_loss(logits, block, config), hooked))
-    return {name: [(x, next(out_grads)) for x in inputs[name]] for name in modules}
+    calls = {name: [(x, next(out_grads)) for x in inputs[name]] for name in modules}
+    length = block.input_ids.shape[-1]
+    return HookedCalls(calls, [u * length for u in prompt_rows(block)])
 
 
-# A rule turns one call's (input, output gradient) of (p*K, T, ...) rows into per-prompt
-# gradients (p, *shape) of the module's own parameters, keyed by attribute name.
-_Rule = Callable[[nn.Module, Tensor, Tensor, int], dict[str, Tensor]]
+# A rule turns one call's (input, output gradient) of (R, T, ...) rows, prompt j owning the next
+# sizes[j] of the R*T token rows, into per-prompt gradients (p, *shape) of the module's own
+# parameters, keyed by attribute name.
+_Rule = Callable[[nn.Module, Tensor, Tensor, list[int]], dict[str, Tensor]]
 
 
 def _summable(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """Under autocast the per-prompt matmuls run in bf16 with fp32 accumulation, like the pass
-    itself (upcasting first would only be cast back); otherwise in float32, so a bf16 model's
-    per-prompt sums still accumulate in float32."""
-    if torch.is_autocast_enabled(x.device.type):
-        return x, g
+    """Under autocast the per-prompt matmuls run in the autocast dtype with fp32 accumulation,
+    like the pass itself (both cast once here, not once per prompt); otherwise in float32, so a
+    bf16 model's per-prompt sums still accumulate in float32."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return x.to(dtype), g.to(dtype)
     return x.float(), g.float()
 
 
-def _linear_rule(module: nn.Module, x: Tensor, g: Tensor, p: int) -> dict[str, Tensor]:
+def segment_outer(g: Tensor, x: Tensor, sizes: list[int]) -> Tensor:
+    """(p, m, n): sum over each prompt's token rows of outer(g_t, x_t), from (..., m) and
+    (..., n) rows that prompts own ``sizes`` at a time: one batched matmul per run of equal
+    consecutive sizes (``plan_batches`` puts a batch's prompts of equal size side by side)."""
+    g, x = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+    pieces, start = [], 0
+    for size, run in itertools.groupby(sizes):
+        n = len(list(run))
+        rows = slice(start, start + n * size)
+        pieces.append(
+            torch.bmm(g[rows].reshape(n, size, -1).transpose(1, 2), x[rows].reshape(n, size, -1))
+        )
+        start += n * size
+    return torch.cat(pieces)
+
+
+def _owners(sizes: list[int], device: torch.device) -> Tensor:
+    """(sum(sizes),) long: the prompt owning each token row."""
+    counts = torch.tensor(sizes, device=device)
+    return torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)
+
+
+def _segment_sum(values: Tensor, sizes: list[int]) -> Tensor:
+    """(p, n) float32 sums of each prompt's token rows of (..., n) ``values``."""
+    values = values.float().reshape(-1, values.shape[-1])
+    out = values.new_zeros(len(sizes), values.shape[-1])
+    return out.index_add_(0, _owners(sizes, values.device), values)
+
+
+def _linear_rule(module: nn.Module, x: Tensor, g: Tensor, sizes: list[int]) -> dict[str, Tensor]:
     """y = x W^T + b: dW = sum over the prompt's tokens of g x^T, db = sum of g."""
     x, g = _summable(x, g)
-    x = x.reshape(p, -1, x.shape[-1])
-    g = g.reshape(p, -1, g.shape[-1])
-    out = {"weight": torch.bmm(g.transpose(1, 2), x)}
+    out = {"weight": segment_outer(g, x, sizes)}
     if module.bias is not None:
-        out["bias"] = g.sum(1)
+        out["bias"] = _segment_sum(g, sizes)
     return out
 
 
-def _embedding_rule(module: nn.Module, ids: Tensor, g: Tensor, p: int) -> dict[str, Tensor]:
+def _embedding_rule(
+    module: nn.Module, ids: Tensor, g: Tensor, sizes: list[int]
+) -> dict[str, Tensor]:
     """Row v of the table gets the sum of g over the prompt's tokens equal to v, except the
     padding row, which ``nn.Embedding`` never updates."""
     vocab, width = module.weight.shape
-    ids = ids.reshape(p, -1)
-    index = (ids + vocab * torch.arange(p, device=ids.device)[:, None]).reshape(-1)
+    ids = ids.reshape(-1)
+    index = ids + vocab * _owners(sizes, ids.device)
     g = g.float().reshape(-1, width)  # index_add_ adds row by row: accumulate in float32
     if module.padding_idx is not None:
-        keep = ids.reshape(-1) != module.padding_idx
+        keep = ids != module.padding_idx
         index, g = index[keep], g[keep]
-    table = g.new_zeros(p * vocab, width).index_add_(0, index, g)
-    return {"weight": table.reshape(p, vocab, width)}
+    table = g.new_zeros(len(sizes) * vocab, width).index_add_(0, index, g)
+    return {"weight": table.reshape(len(sizes), vocab, width)}
 
 
-def _rms_norm_rule(module: nn.Module, x: Tensor, g: Tensor, p: int) -> dict[str, Tensor]:
+def _rms_norm_rule(module: nn.Module, x: Tensor, g: Tensor, sizes: list[int]) -> dict[str, Tensor]:
     """HF Llama-family RMSNorm, y = w * (x / rms(x)) computed in float32: dw = sum of g * x/rms."""
     x32 = x.float()
     normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
-    return {"weight": (g.float() * normed).reshape(p, -1, x.shape[-1]).sum(1)}
+    return {"weight": _segment_sum(g.float() * normed, sizes)}
 
 
 def _rule(module: nn.Module) -> _Rule | None:
@@ -294,7 +339,7 @@ class POPIGradients:
             output = functional_call(self.model, (params, frozen), (block.input_ids,))
             return prompt_loss(logits_of(output), block, self.config)
 
-        block = collate(trajs, self._device())
+        block = collate(trajs, self._device(), self.config.deduplicate)
         return vmap(grad(loss), in_dims=(None, 0))(params, block)
 
     @property
@@ -304,20 +349,20 @@ class POPIGradients:
 
     def _hook_grads(self, trajs: list[PromptTrajectories]) -> dict[str, Tensor]:
         """All prompts of the batch in one plain forward/backward; per-prompt sums by hooks."""
-        block = collate(trajs, self._device())
-        calls = hooked_backward(self.model, self.hooked_modules, block, self.config)
-        return self.grads_from_calls(calls, len(trajs))
+        block = collate(trajs, self._device(), self.config.deduplicate)
+        return self.grads_from_calls(
+            hooked_backward(self.model, self.hooked_modules, block, self.config)
+        )
 
-    def grads_from_calls(
-        self, calls: dict[str, list[tuple[Tensor, Tensor]]], p: int
-    ) -> dict[str, Tensor]:
+    def grads_from_calls(self, hooked: HookedCalls) -> dict[str, Tensor]:
         """Per-prompt gradients {parameter: (p, *shape)} from ``hooked_backward``'s calls of
-        (at least) ``hooked_modules`` over p prompts; other consumers may share the calls."""
+        (at least) ``hooked_modules``; other consumers may share the calls."""
+        p = len(hooked.sizes)
         grads: dict[str, Tensor] = {}
         for module_name, (module, owned) in self._hooked.items():
             rule = _rule(module)
-            for x, g in calls[module_name]:
-                for attr, piece in rule(module, x, g, p).items():
+            for x, g in hooked.calls[module_name]:
+                for attr, piece in rule(module, x, g, hooked.sizes).items():
                     if attr in owned:
                         name = owned[attr]
                         grads[name] = grads[name] + piece if name in grads else piece
@@ -331,7 +376,7 @@ class POPIGradients:
         params = list(self._params.values())
         per_prompt = []
         for traj in trajs:
-            block = Block(*(x[0] for x in collate([traj], self._device())))
+            block = Block(*(x[0] for x in collate([traj], self._device(), self.config.deduplicate)))
             loss = prompt_loss(logits_of(self.model(block.input_ids)), block, self.config)
             per_prompt.append(torch.autograd.grad(loss, params))
         return {

@@ -14,6 +14,12 @@ loss into per-prompt gradients and :mod:`~cropi_pl.influence.factorised` into pr
 HF attention-mask code does not survive vmap, so sequences are RIGHT-padded (prompt, completion,
 pad) and the model gets no attention mask: causal attention keeps real tokens blind to later pads,
 and the loss masks the pad positions (pads get exactly zero gradient).
+
+Identical responses of a prompt (same completion, same reward) have identical terms in L, so the
+layout holds each distinct response once with its number of copies: the loss, hence the gradient,
+is unchanged, and the forward/backward skips the copies (a policy sampling at low temperature, or
+one that has learnt a prompt, repeats itself: 55% of the embedded default's stored responses are
+copies).
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ class POPIConfig:
     bf16 matmuls are fast: GPUs, and CPUs with bf16 units (``avx512_bf16`` or AMX in
     ``/proc/cpuinfo``; 2.4-3.8x fp32's rate at the embedded policy's shapes on this project's
     2-core VM). Elsewhere bf16 is emulated and slower than fp32, and the pass warns.
+    ``deduplicate``: identical stored responses of a prompt (same completion and reward) run once,
+    counted as often as they were stored (module doc); exact, so off only to measure what it saves.
     ``attn_implementation``: the HF attention kernel during the pass (e.g. "eager", "sdpa"),
     restored afterwards; None keeps the model's. On CPU, for short sequences and small heads,
     "eager" beats "sdpa", whose fused backward is slow there, in bf16 about 4x slower than in
@@ -69,6 +77,7 @@ class POPIConfig:
     adv_eps: float = 1e-4
     param_filter: str | None = None
     autocast_bf16: bool = False
+    deduplicate: bool = True
     attn_implementation: str | None = None
 
     def __post_init__(self) -> None:
@@ -86,13 +95,24 @@ class POPIConfig:
 
 
 class Block(NamedTuple):
-    """Right-padded tensors of prompts; the leading dim is dropped inside vmap."""
+    """Right-padded tensors of prompts' distinct responses (U rows of the K stored ones); the
+    leading dim is dropped inside vmap."""
 
-    input_ids: Tensor  # (..., K, T) long
-    target_mask: Tensor  # (..., K, T - 1) bool: position j predicts completion token j + 1
-    behaviour: Tensor  # (..., K, T - 1) float32, 0 where not a target
-    rewards: Tensor  # (..., K) float32, 0 for padded responses
-    row_mask: Tensor  # (..., K) bool: real (not padding) responses
+    input_ids: Tensor  # (..., U, T) long
+    target_mask: Tensor  # (..., U, T - 1) bool: position j predicts completion token j + 1
+    behaviour: Tensor  # (..., U, T - 1) float32, 0 where not a target
+    rewards: Tensor  # (..., K) float32: every stored reward, NaN after the prompt's own K
+    first: Tensor  # (..., U) long: index into rewards of the row's first copy (0 for padding)
+    copies: Tensor  # (..., U) float32: stored responses the row stands for (0 for padding)
+
+
+def distinct_responses(traj: PromptTrajectories) -> list[list[int]]:
+    """Indices of the stored responses grouped by (completion, reward), in order of first
+    appearance: each group contributes identical terms to the POPI loss."""
+    groups: dict[tuple[tuple[int, ...], float], list[int]] = {}
+    for i, (completion, reward) in enumerate(zip(traj.completion_ids, traj.rewards, strict=True)):
+        groups.setdefault((tuple(completion), reward), []).append(i)
+    return list(groups.values())
 
 
 def layout(
@@ -109,24 +129,36 @@ def layout(
     return ids, target
 
 
-def collate(trajs: Sequence[PromptTrajectories], device: torch.device) -> Block:
-    """Pad prompts to a common (K, T) so vmap sees equal shapes."""
+def collate(
+    trajs: Sequence[PromptTrajectories], device: torch.device, deduplicate: bool = True
+) -> Block:
+    """Pad prompts' distinct responses (every response unless ``deduplicate``) to a common
+    (U, T) so vmap sees equal shapes. A row takes its first copy's behaviour log-probs (the
+    copies' agree up to float rounding)."""
+    groups = [
+        distinct_responses(t) if deduplicate else [[i] for i in range(len(t.rewards))]
+        for t in trajs
+    ]
+    u = max(map(len, groups))
     k = max(len(t.completion_ids) for t in trajs)
     length = max(len(t.prompt_ids) + max(map(len, t.completion_ids)) for t in trajs)
-    ids = torch.full((len(trajs), k, length), _PAD_ID, dtype=torch.long)
-    target = torch.zeros(len(trajs), k, length - 1, dtype=torch.bool)
-    behaviour = torch.zeros(len(trajs), k, length - 1, dtype=torch.float32)
-    rewards = torch.zeros(len(trajs), k, dtype=torch.float32)
-    row_mask = torch.zeros(len(trajs), k, dtype=torch.bool)
-    for j, traj in enumerate(trajs):
-        n = len(traj.completion_ids)
-        ids[j, :n], target[j, :n] = layout(traj.prompt_ids, traj.completion_ids, length)
+    ids = torch.full((len(trajs), u, length), _PAD_ID, dtype=torch.long)
+    target = torch.zeros(len(trajs), u, length - 1, dtype=torch.bool)
+    behaviour = torch.zeros(len(trajs), u, length - 1, dtype=torch.float32)
+    rewards = torch.full((len(trajs), k), torch.nan, dtype=torch.float32)
+    first = torch.zeros(len(trajs), u, dtype=torch.long)
+    copies = torch.zeros(len(trajs), u, dtype=torch.float32)
+    for j, (traj, group) in enumerate(zip(trajs, groups, strict=True)):
+        n, rows = len(group), [members[0] for members in group]
+        completions = [traj.completion_ids[i] for i in rows]
+        ids[j, :n], target[j, :n] = layout(traj.prompt_ids, completions, length)
         behaviour[j, :n][target[j, :n]] = torch.tensor(
-            [lp for row in traj.behaviour_logps for lp in row], dtype=torch.float32
+            [lp for i in rows for lp in traj.behaviour_logps[i]], dtype=torch.float32
         )
-        rewards[j, :n] = torch.tensor(traj.rewards, dtype=torch.float32)
-        row_mask[j, :n] = True
-    return Block(*(x.to(device) for x in (ids, target, behaviour, rewards, row_mask)))
+        rewards[j, : len(traj.rewards)] = torch.tensor(traj.rewards, dtype=torch.float32)
+        first[j, :n] = torch.tensor(rows)
+        copies[j, :n] = torch.tensor([len(members) for members in group], dtype=torch.float32)
+    return Block(*(x.to(device) for x in (ids, target, behaviour, rewards, first, copies)))
 
 
 def _check(traj: PromptTrajectories, row: int, vocab_size: int | None) -> None:
@@ -164,7 +196,9 @@ def _check(traj: PromptTrajectories, row: int, vocab_size: int | None) -> None:
 def plan_batches(
     trajs: Sequence[PromptTrajectories], vocab_size: int | None, prompts_per_batch: int
 ) -> list[list[int]]:
-    """Validate, drop zero-gradient prompts and batch the rest in length order to limit padding."""
+    """Validate, drop zero-gradient prompts and batch the rest in length order to limit padding;
+    within a batch, prompts with as many distinct responses are adjacent (``hooks`` sums their
+    gradients with one batched matmul)."""
     for row, traj in enumerate(trajs):
         _check(traj, row, vocab_size)
     zero = zero_mask(trajs)
@@ -172,7 +206,8 @@ def plan_batches(
         (i for i in range(len(trajs)) if not zero[i]),
         key=lambda i: len(trajs[i].prompt_ids) + max(map(len, trajs[i].completion_ids)),
     )
-    return [order[s : s + prompts_per_batch] for s in range(0, len(order), prompts_per_batch)]
+    batches = [order[s : s + prompts_per_batch] for s in range(0, len(order), prompts_per_batch)]
+    return [sorted(b, key=lambda i: len(distinct_responses(trajs[i]))) for b in batches]
 
 
 def vocab_size_of(model: nn.Module) -> int | None:
@@ -190,22 +225,25 @@ def next_token_logps(logits: Tensor, input_ids: Tensor) -> Tensor:
     return selective_log_softmax(logits[:, :-1], input_ids[:, 1:])
 
 
-def _weighted_advantages(rewards: Tensor, weights: Tensor, eps: float) -> Tensor:
-    """(r - mean_w r) / (std_w r + eps) with weights summing to 1.
+def _weighted_advantages(rewards: Tensor, weights: Tensor, copies: Tensor, eps: float) -> Tensor:
+    """(r - mean_w r) / (std_w r + eps) of distinct responses whose weights sum to 1, a row
+    standing for ``copies`` stored responses that share its weight equally.
 
-    The variance uses the reliability-weights correction 1/(1 - sum w^2), which is the unbiased
-    std of GRPO's ``group_advantages`` for uniform weights w = 1/K and stays consistent under
-    reweighting.
+    The variance uses the reliability-weights correction 1/(1 - sum w^2) over the stored
+    responses (a row's copies add w^2 / copies), which is the unbiased std of GRPO's
+    ``group_advantages`` for uniform weights w = 1/K and stays consistent under reweighting.
     """
     mean = (weights * rewards).sum()
     spread = (weights * (rewards - mean) ** 2).sum()
+    squares = (weights**2 / copies.clamp_min(1)).sum()  # padding rows: weight 0
     # weights collapsed on one response leave 0/0: clamp, the advantages then just grow large
-    var = spread / (1 - (weights**2).sum()).clamp_min(torch.finfo(weights.dtype).tiny)
+    var = spread / (1 - squares).clamp_min(torch.finfo(weights.dtype).tiny)
     return (rewards - mean) / (var.sqrt() + eps)
 
 
 def prompt_loss(logits: Tensor, block: Block, config: POPIConfig) -> Tensor:
-    """The per-prompt POPI surrogate from the model's (K, T, V) logits (shared by both paths)."""
+    """The per-prompt POPI surrogate from the model's (U, T, V) logits (shared by every path),
+    each distinct response counted ``copies`` times."""
     mask = block.target_mask
     logp = next_token_logps(logits, block.input_ids)
     log_rho = torch.where(mask, logp - block.behaviour, torch.zeros_like(logp))
@@ -215,17 +253,17 @@ def prompt_loss(logits: Tensor, block: Block, config: POPIConfig) -> Tensor:
     elif config.ratio_mode == "truncate":
         rho = rho.clamp(max=1 + config.ratio_bound)
     lengths = mask.sum(-1).clamp_min(1)
-    k = block.row_mask.sum()
-    if config.reweight_group_stats:
+    copies = block.copies
+    if config.reweight_group_stats:  # a row's weight: its copies' (log 0 = -inf for padding)
         seq_log_w = log_rho.detach().sum(-1) / lengths
-        weights = torch.where(block.row_mask, seq_log_w, torch.full_like(seq_log_w, -torch.inf))
-        advantages = _weighted_advantages(block.rewards, weights.softmax(-1), config.adv_eps)
-    else:  # padded responses are unscorable (NaN): outside the group statistics, advantage 0
-        nan = torch.full_like(block.rewards, torch.nan)
-        scorable = torch.where(block.row_mask, block.rewards, nan)
-        advantages = group_advantages(scorable[None], "group", config.adv_eps)[0]
+        weights = (seq_log_w + copies.log()).softmax(-1)
+        rewards = block.rewards.gather(-1, block.first)
+        advantages = _weighted_advantages(rewards, weights, copies, config.adv_eps)
+    else:  # the NaN padding is unscorable to grpo: outside the group statistics
+        stored = group_advantages(block.rewards[None], "group", config.adv_eps)[0]
+        advantages = stored.gather(-1, block.first)
     per_response = torch.where(mask, rho, torch.zeros_like(rho)).sum(-1) / lengths
-    return -(per_response * advantages * block.row_mask).sum() / k
+    return -(per_response * advantages * copies).sum() / copies.sum()
 
 
 @contextmanager
@@ -291,12 +329,28 @@ def gradient_mode(model: nn.Module, config: POPIConfig) -> Iterator[None]:
         yield
 
 
+def prompt_rows(block: Block) -> list[int]:
+    """Distinct responses (real rows) of each prompt of ``block``."""
+    return (block.copies > 0).sum(-1).tolist()
+
+
+def real_rows(block: Block) -> Tensor:
+    """(R, T) ids of every prompt's real rows, prompt after prompt: the padding rows of a
+    (p, U, T) block are left out, so a batch of prompts costs its distinct responses only."""
+    return block.input_ids[block.copies > 0]
+
+
 def batch_loss(logits: Tensor, block: Block, config: POPIConfig) -> Tensor:
-    """Sum over prompts of the per-prompt loss from (p*K, T, V) logits: a prompt's rows only
-    reach its own term, so the gradient through each row is that prompt's own gradient."""
-    p, k, t = block.input_ids.shape
-    logits = logits.reshape(p, k, t, -1)
-    return sum(prompt_loss(logits[j], Block(*(x[j] for x in block)), config) for j in range(p))
+    """Sum over prompts of the per-prompt loss from the (R, T, V) logits of ``real_rows``: a
+    prompt's rows only reach its own term, so the gradient through each row is that prompt's own
+    gradient."""
+    rows = prompt_rows(block)
+    terms = []
+    for j, (chunk, u) in enumerate(zip(logits.split(rows), rows, strict=True)):
+        ids, mask, behaviour = (x[j, :u] for x in block[:3])
+        own = Block(ids, mask, behaviour, block.rewards[j], block.first[j, :u], block.copies[j, :u])
+        terms.append(prompt_loss(chunk, own, config))
+    return sum(terms)
 
 
 @torch.no_grad()
