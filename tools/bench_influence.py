@@ -515,6 +515,7 @@ COMPILED_FIRST = "countsketch, torch.compile, first pass (compiles)"
 COMPILED_AFTER = "countsketch, torch.compile, second pass"
 BF16_HOOKS = "countsketch k={k}, bf16 autocast, eager attention, hooks"  # the config's pass
 BF16_POPI = POPIConfig(autocast_bf16=True, attn_implementation="eager")  # as configs/cropi_tiny
+CONFIG_PROMPTS_PER_BATCH = 24  # as configs/cropi_tiny.yaml
 
 
 def embedded_rows(
@@ -530,7 +531,8 @@ def embedded_rows(
             projection=replace(sketch, dim=dim), method="loop"
         )
     options[f"gaussian k={k} kept=0.1 (previous default)"] = InfluenceScorer(
-        projection=ProjectionConfig(dim=k, kept_fraction=0.1, seed=config.seed), method="loop"
+        projection=ProjectionConfig(dim=k, kind="gaussian", kept_fraction=0.1, seed=config.seed),
+        method="loop",
     )
     options[f"countsketch k={k}, last layer + head"] = InfluenceScorer(
         POPIConfig(param_filter=last_layer_filter(model)), sketch, method="loop"
@@ -544,7 +546,9 @@ def embedded_rows(
     options[f"countsketch k={k}, hooks (8 prompts/backward)"] = InfluenceScorer(
         projection=sketch, method="hooks"
     )
-    options[BF16_HOOKS.format(k=k)] = InfluenceScorer(BF16_POPI, sketch, method="hooks")
+    options[BF16_HOOKS.format(k=k)] = InfluenceScorer(
+        BF16_POPI, sketch, CONFIG_PROMPTS_PER_BATCH, method="hooks"
+    )
     options[f"factorised {side}x{side} per linear layer"] = InfluenceScorer(
         projection=sketch, factorised=(side, side)
     )
