@@ -27,11 +27,11 @@ achieved FLOP/s of the default influence pass, counting 6 * (non-embedding param
 token (forward 2, backward 4) plus the head's share.
 
 Selection section. ``fit`` runs ``--selection-config`` (``configs/cropi_tiny.yaml``, the README's
-main command: the step-by-step testbed and its warm-started policy) for ``--train-steps`` + 1
-steps; the first stage's selection pass (as the run logs it) is divided by the run's median
-training step. Cheaper variants of the config's scorer then score the same cached trajectories
-with the same policy, each timed and compared with exact scores (agreement = precision@10% per
-target).
+main command: the step-by-step testbed and its warm-started policy), its whole schedule unless
+``--train-steps`` n cuts it to n + 1 steps; each stage's selection pass (as the run logs it) is
+divided by the run's median training step. Cheaper variants of the config's scorer then score
+the same cached trajectories with the same policy, each timed and compared with exact scores
+(agreement = precision@10% per target).
 
 SmolLM2 section. One forward/backward per eligible prompt through hooks (``hooked_backward``)
 yields, from the same captured layer inputs and output gradients, the exact full gradient
@@ -90,7 +90,6 @@ from cropi_pl.rewards.numeric import ExactNumberReward
 from cropi_pl.tasks.arithmetic import generate_tasks
 
 PRECISION_TARGET = 0.90
-SELECTION_STAGE_STEPS = 2  # the selection section's fit reselects every 2 steps
 SPEEDUP_TARGET = 5.0
 GEMM_TARGET = 0.60
 STEP_TARGET = 3.0
@@ -127,7 +126,7 @@ class BenchConfig:
     smol_timed: int = 6
     reference_slice: int = 1 << 15  # a (slice, k) fp32 matrix: 1 GiB at k = 8192
     bootstrap: int = 1000
-    train_steps: int = 8
+    train_steps: int = 0  # selection fit: 0 runs the config's schedule, n runs n + 1 steps
     selection_config: str = "configs/cropi_tiny.yaml"
     selection_overrides: tuple[str, ...] = ()  # --key=value CLI arguments, comma-separated
     threads: int = 2
@@ -693,13 +692,11 @@ def selection_section(config: BenchConfig) -> dict[str, Any]:
     """The influence passes of ``--selection-config`` (``configs/cropi_tiny.yaml``) in that run's
     own training steps, and each cost option's agreement with exact scores.
 
-    A ``fit`` of ``train_steps`` + 1 steps runs the config as the README's main command does,
-    except that a stage lasts ``SELECTION_STAGE_STEPS`` steps, so the fit reselects at steps 0, 2,
-    4, ... (the pool and its cached trajectories do not depend on the stage length). Its
-    ``selections/stage-*.metrics.json`` give each pass's seconds (``influence_seconds``: stage 0's
-    selection seconds also hold the first trajectory collection) and its TensorBoard step times
-    the step (the median after the first). The first pass of a process also pays one-time costs
-    (kernel and buffer set-up for each new shape), so it is reported beside the mean. The options
+    A ``fit`` runs the config as the README's main command does (``train_steps`` > 0 cuts it to
+    that many steps + 1). Its ``selections/stage-*.metrics.json`` give each pass's seconds
+    (``influence_seconds``: stage 0's selection seconds also hold the first trajectory
+    collection) and its TensorBoard step times the step (the median after the first). The first
+    pass of a process also pays one-time costs, so it is reported beside the mean. The options
     then score the same cached trajectories with the initial policy (what stage 0 scored), timed,
     and are compared per target with exact cosines by precision@10% (``agreement``). The FLOP
     floor is the pass's forward and backward FLOPs (:func:`pass_flops`) at the machine's GEMM
@@ -713,10 +710,11 @@ def selection_section(config: BenchConfig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         args = [
             "--config", config.selection_config, "--trainer.default_root_dir", tmp,
-            "--trainer.max_steps", str(config.train_steps + 1), *config.selection_overrides,
+            *config.selection_overrides,
         ]  # fmt: skip
-        stages = ["--curriculum.init_args.stage_steps", str(SELECTION_STAGE_STEPS)]
-        cli_main(["fit", *args, *stages])
+        if config.train_steps:
+            args += ["--trainer.max_steps", str(config.train_steps + 1)]
+        cli_main(["fit", *args])
         run = Path(tmp)
         metrics = [
             json.loads(path.read_text())

@@ -91,8 +91,8 @@ class FactorisedProjection:
         pieces = []
         for name in self.layer_names:
             p_in, p_out = self.projections[name]
-            piece = 0
+            piece = p_in.new_zeros(len(hooked.sizes), p_out.shape[1], p_in.shape[1])
             for x, g in hooked.calls[name]:  # a layer called several times adds once per call
-                piece = piece + segment_outer(g.float() @ p_out, x.float() @ p_in, hooked.sizes)
+                piece += segment_outer(g.float() @ p_out, x.float() @ p_in, hooked.sizes)
             pieces.append(piece.reshape(len(hooked.sizes), -1))
         return torch.cat(pieces, dim=1)
