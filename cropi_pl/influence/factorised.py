@@ -23,11 +23,11 @@ class FactorisedProjection:
         vec(G) @ kron(P_out, P_in) = vec(P_out^T G P_in) = sum_tokens outer(P_out^T g, P_in^T x),
     built from the layer inputs (forward hooks) and output gradients (autograd with respect to the
     hooked outputs) in k_out * k_in numbers per layer: the d-dimensional gradient never exists.
-    All prompts of a batch share one ordinary forward/backward as a (p*U, T) batch: rows never
-    interact, so each row's activation gradient is its own prompt's. Biases are not projected
-    (LoGra's convention). P_in and P_out are Gaussian / sqrt(k) from a CPU generator seeded by
-    (seed, layer name), identical on every machine. Output layout: layers in ``layer_names``
-    order (``offsets``), each flattened row-major as (k_out, k_in).
+    All prompts of a batch share one ordinary forward/backward of their distinct responses as
+    (R, T) rows: rows never interact, so each row's activation gradient is its own prompt's.
+    Biases are not projected (LoGra's convention). P_in and P_out are Gaussian / sqrt(k) from a
+    CPU generator seeded by (seed, layer name), identical on every machine. Output layout: layers
+    in ``layer_names`` order (``offsets``), each flattened row-major as (k_out, k_in).
     """
 
     def __init__(
