@@ -7,6 +7,7 @@ import math
 import statistics
 import warnings
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 import torch
@@ -344,6 +345,58 @@ def test_hooks_equal_loop_with_biases_tied_padding_row_and_uneven_lengths(
             assert rel_err(got[i][piece], ref[i][piece]) < 1e-4, (i, name)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize(
+    "config",
+    [POPIConfig(), POPIConfig(ratio_mode="truncate", ratio_bound=0.2, reweight_group_stats=True)],
+    ids=["none", "truncate+reweight"],
+)
+def test_shared_prompts_give_each_rows_logits_and_the_loop_gradients(
+    attn: str, config: POPIConfig
+) -> None:
+    """Each prompt runs once and its completions attend to its cached keys/values: the logits
+    of every scored position and the per-prompt gradients (every parameter kind, a tied
+    embedding with a padding row, biases) are those of one row per distinct response. Prompts
+    of 1-6 tokens in a batch leave prompt pads that no completion may see; responses repeat."""
+    model = popi_llama(40, tie_word_embeddings=True, pad_token_id=0, attention_bias=True)
+    base = random_trajs(perturbed(model, 0.1, 41), n=9, seed=42)
+    trajs = [
+        with_copies(t, [1 + (i * j) % 2 for i in range(len(t.rewards))]) for j, t in enumerate(base)
+    ]
+    trajs[1].prompt_ids[0] = 0
+    block = popi.collate(trajs, torch.device("cpu"))
+    shared = popi.share_prompts(block)
+    rows = block.copies > 0
+    assert shared.prompt_ids.shape[0] == len(trajs) and shared.owner.shape[0] == rows.sum()
+    lengths = {len(t.prompt_ids) for t in trajs}
+    assert len(lengths) > 1, "no prompt pads: the mask over them is untested"
+    with gradient_mode(model, replace(config, attn_implementation=attn)):
+        got = popi.shared_prompt_logits(model, shared)
+        ref = model(popi.real_rows(block)).logits
+    scored = block.target_mask[rows]  # (R, T - 1): positions that predict a completion token
+    groups = [popi.distinct_responses(t) for t in trajs]
+    assert rows.sum() == sum(map(len, groups)) < sum(len(t.rewards) for t in trajs)
+    tokens = sum(
+        len(t.completion_ids[g[0]]) for t, gs in zip(trajs, groups, strict=True) for g in gs
+    )
+    assert scored.sum() == tokens
+    assert torch.allclose(got[:, :-1][scored], ref[:, :-1][scored], atol=1e-5)
+
+    cfg = replace(config, share_prompts=True, attn_implementation=attn)
+    hooks = POPIGradients(model, cfg, prompts_per_batch=4, method="hooks")
+    loop = POPIGradients(model, config, method="loop")
+    got_grads, ref_grads = collect(hooks, trajs), collect(loop, trajs)
+    assert sorted(got_grads) == sorted(ref_grads) == [i for i in range(9) if i % 3]
+    sizes = {name: p.numel() for name, p in model.named_parameters()}
+    for i in got_grads:
+        assert rel_err(got_grads[i], ref_grads[i]) < TOL, i
+        for name in hooks.param_names:
+            piece = slice(hooks.offsets[name], hooks.offsets[name] + sizes[name])
+            assert rel_err(got_grads[i][piece], ref_grads[i][piece]) < 1e-4, (i, name)
+    with pytest.raises(ValueError, match="share_prompts is an option of method='hooks'"):
+        POPIGradients(model, cfg, method="loop")
+
+
 def test_hooks_refuse_modules_without_a_rule() -> None:
     model = popi_llama(23)
     model.model.norm = torch.nn.LayerNorm(32)  # no hook rule for LayerNorm
@@ -443,12 +496,15 @@ def test_bad_input_names_the_row() -> None:
             POPIConfig(**kwargs)
 
 
-def test_factorised_projection_equals_kronecker_projection_of_exact_gradient() -> None:
+@pytest.mark.parametrize("share", [False, True], ids=["rows", "shared prompts"])
+def test_factorised_projection_equals_kronecker_projection_of_exact_gradient(share: bool) -> None:
     beta = popi_llama(16)
     trajs = random_trajs(beta, n=6, seed=17)
     model = perturbed(beta, 0.05, 18)
     config = POPIConfig(ratio_mode="truncate")
-    fact = FactorisedProjection(model, config, k_in=5, k_out=7, seed=3, prompts_per_batch=4)
+    fact = FactorisedProjection(
+        model, replace(config, share_prompts=share), k_in=5, k_out=7, seed=3, prompts_per_batch=4
+    )
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     assert fact.layer_names == linears and "lm_head" in linears
     assert fact.dim == len(linears) * 35
@@ -459,7 +515,9 @@ def test_factorised_projection_equals_kronecker_projection_of_exact_gradient() -
         assert projected.shape == (len(indices), fact.dim)
         got.update(zip(indices, projected, strict=True))
     assert sorted(got) == sorted(ref) and len(got) == 4
-    assert all(not m._forward_hooks for m in model.modules()), "hooks left on the model"
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules()), (
+        "hooks left on the model"
+    )
     for i, flat in ref.items():
         expected = []
         for name in linears:

@@ -513,7 +513,9 @@ def factorised_side(model: nn.Module, dim: int, pattern: str | None = None) -> i
 COMPILED_FIRST = "countsketch, torch.compile, first pass (compiles)"
 COMPILED_AFTER = "countsketch, torch.compile, second pass"
 BF16_HOOKS = "countsketch k={k}, bf16 autocast, eager attention, hooks"  # the config's pass
-BF16_POPI = POPIConfig(autocast_bf16=True, attn_implementation="eager")  # as configs/cropi_tiny
+BF16_POPI = POPIConfig(  # as configs/cropi_tiny.yaml
+    autocast_bf16=True, attn_implementation="eager", share_prompts=True
+)
 CONFIG_PROMPTS_PER_BATCH = 24  # as configs/cropi_tiny.yaml
 
 
@@ -810,13 +812,21 @@ def selection_options(model: nn.Module, scorer: InfluenceScorer) -> dict[str, In
             popi=replace(scorer.popi, param_filter=last_layer_filter(model))
         ),
         "float32 (no autocast)": variant(popi=replace(scorer.popi, autocast_bf16=False)),
-        "loop (one backward per prompt)": variant(method="loop"),
-        "previous default: every response, 8 prompts per backward": variant(
-            prompts_per_batch=8, popi=replace(scorer.popi, deduplicate=False)
+        "loop (one backward per prompt)": variant(
+            method="loop", popi=replace(scorer.popi, share_prompts=False)
+        ),
+        "prompt once per response (share_prompts off)": variant(
+            popi=replace(scorer.popi, share_prompts=False)
+        ),
+        "every response, prompt once per response, 8 prompts per backward": variant(
+            prompts_per_batch=8,
+            popi=replace(scorer.popi, deduplicate=False, share_prompts=False),
         ),
         "float32 loop, sdpa (the default before bf16)": variant(
             method="loop",
-            popi=replace(scorer.popi, autocast_bf16=False, attn_implementation=None),
+            popi=replace(
+                scorer.popi, autocast_bf16=False, attn_implementation=None, share_prompts=False
+            ),
         ),
     }
 

@@ -91,8 +91,10 @@ class FactorisedProjection:
         pieces = []
         for name in self.layer_names:
             p_in, p_out = self.projections[name]
-            piece = p_in.new_zeros(len(hooked.sizes), p_out.shape[1], p_in.shape[1])
-            for x, g in hooked.calls[name]:  # a layer called several times adds once per call
-                piece += segment_outer(g.float() @ p_out, x.float() @ p_in, hooked.sizes)
-            pieces.append(piece.reshape(len(hooked.sizes), -1))
+            p = len(hooked.sizes[0])
+            piece = p_in.new_zeros(p, p_out.shape[1], p_in.shape[1])
+            for x, g, forward in hooked.calls[name]:  # a layer called several times adds each
+                sizes = hooked.sizes[forward]
+                piece += segment_outer(g.float() @ p_out, x.float() @ p_in, sizes)
+            pieces.append(piece.reshape(p, -1))
         return torch.cat(pieces, dim=1)

@@ -32,6 +32,8 @@ from cropi_pl.influence.popi import (
     prompt_loss,
     prompt_rows,
     real_rows,
+    share_prompts,
+    shared_prompt_logits,
     vocab_size_of,
 )
 from cropi_pl.influence.projection import SparseProjector
@@ -42,41 +44,56 @@ _METHODS = ("loop", "vmap", "hooks")
 
 
 class HookedCalls(NamedTuple):
-    """Every call's (first input, output gradient) of the hooked modules in one forward and
-    backward of ``real_rows``, and the token rows (flattened leading dims) each prompt owns."""
+    """Every call's (first input, output gradient, forward) of the hooked modules in the
+    forwards and one backward of a block, and per forward the token rows (flattened leading
+    dims) each prompt owns."""
 
-    calls: dict[str, list[tuple[Tensor, Tensor]]]
-    sizes: list[int]
+    calls: dict[str, list[tuple[Tensor, Tensor, int]]]
+    sizes: list[list[int]]
 
 
 def hooked_backward(
     model: nn.Module, modules: dict[str, nn.Module], block: Block, config: POPIConfig
 ) -> HookedCalls:
-    """One forward and backward of the block's real (R, T) rows under ``batch_loss``, with the
-    (first input, output gradient) of every call of each of ``modules``. Parameter gradients are
-    never accumulated: autograd only differentiates down to the hooked outputs. The tensors keep
-    the dtypes the pass ran in; each consumer chooses the precision of its per-prompt sums."""
-    inputs: dict[str, list[Tensor]] = {name: [] for name in modules}
+    """One backward of ``batch_loss`` over the block's real (R, T) rows, run as one forward or,
+    with ``config.share_prompts``, as a forward of the prompts and one of the completions, with
+    the (first input, output gradient) of every call of each of ``modules``. Parameter gradients
+    are never accumulated: autograd only differentiates down to the hooked outputs. The tensors
+    keep the dtypes the pass ran in; each consumer chooses the precision of its per-prompt sums."""
+    inputs: dict[str, list[tuple[Tensor, int]]] = {name: [] for name in modules}
     outputs: dict[str, list[Tensor]] = {name: [] for name in modules}
+    forwards: list[None] = []  # one entry per forward of ``model`` so far
 
     def capture(name: str) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
         def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-            inputs[name].append(args[0].detach())
+            inputs[name].append((args[0].detach(), len(forwards) - 1))
             outputs[name].append(output)
 
         return hook
 
-    handles = [m.register_forward_hook(capture(n)) for n, m in modules.items()]
+    handles = [
+        model.register_forward_pre_hook(lambda *_: forwards.append(None)),
+        *(m.register_forward_hook(capture(n)) for n, m in modules.items()),
+    ]
+    rows = prompt_rows(block)
     try:
-        logits = logits_of(model(real_rows(block)))
+        if config.share_prompts:
+            shared = share_prompts(block)
+            logits = shared_prompt_logits(model, shared)
+        else:
+            logits = logits_of(model(real_rows(block)))
     finally:
         for handle in handles:
             handle.remove()
     hooked = [y for name in modules for y in outputs[name]]
     out_grads = iter(torch.autograd.grad(batch_loss(logits, block, config), hooked))
-    calls = {name: [(x, next(out_grads)) for x in inputs[name]] for name in modules}
-    length = block.input_ids.shape[-1]
-    return HookedCalls(calls, [u * length for u in prompt_rows(block)])
+    calls = {name: [(x, next(out_grads), f) for x, f in inputs[name]] for name in modules}
+    if config.share_prompts:
+        span = shared.completion_ids.shape[1]
+        sizes = [[shared.prompt_ids.shape[1]] * len(rows), [u * span for u in rows]]
+    else:
+        sizes = [[u * block.input_ids.shape[-1] for u in rows]]
+    return HookedCalls(calls, sizes)
 
 
 # A rule turns one call's (input, output gradient) of (R, T, ...) rows, prompt j owning the next
@@ -226,6 +243,10 @@ class POPIGradients:
         if method is None:
             method = "vmap" if self._device().type == "cuda" else "loop"
         self._hooked, unsupported = self._hookplan_batches()
+        if config.share_prompts and method != "hooks":
+            raise ValueError(
+                f"popi.share_prompts is an option of method='hooks', got method={method!r}"
+            )
         if method == "hooks" and unsupported:
             raise ValueError(
                 f"method='hooks' has no per-prompt gradient rule for {unsupported[:3]}; "
@@ -357,12 +378,12 @@ class POPIGradients:
     def grads_from_calls(self, hooked: HookedCalls) -> dict[str, Tensor]:
         """Per-prompt gradients {parameter: (p, *shape)} from ``hooked_backward``'s calls of
         (at least) ``hooked_modules``; other consumers may share the calls."""
-        p = len(hooked.sizes)
+        p = len(hooked.sizes[0])
         grads: dict[str, Tensor] = {}
         for module_name, (module, owned) in self._hooked.items():
             rule = _rule(module)
-            for x, g in hooked.calls[module_name]:
-                for attr, piece in rule(module, x, g, hooked.sizes).items():
+            for x, g, forward in hooked.calls[module_name]:
+                for attr, piece in rule(module, x, g, hooked.sizes[forward]).items():
                     if attr in owned:
                         name = owned[attr]
                         grads[name] = grads[name] + piece if name in grads else piece

@@ -65,6 +65,12 @@ class POPIConfig:
     2-core VM). Elsewhere bf16 is emulated and slower than fp32, and the pass warns.
     ``deduplicate``: identical stored responses of a prompt (same completion and reward) run once,
     counted as often as they were stored (module doc); exact, so off only to measure what it saves.
+    ``share_prompts`` ("hooks" only): lay each prompt out as ONE packed sequence, its prompt once
+    and then each distinct completion, every completion attending to the prompt and to itself
+    (``pack_prompts``), instead of one row per response repeating the prompt. Exact (the same
+    logits), and the prompt's forward/backward runs once per prompt instead of once per distinct
+    response; needs a model taking a 4D additive ``attention_mask`` and ``position_ids`` (HF
+    causal LMs).
     ``attn_implementation``: the HF attention kernel during the pass (e.g. "eager", "sdpa"),
     restored afterwards; None keeps the model's. On CPU, for short sequences and small heads,
     "eager" beats "sdpa", whose fused backward is slow there, in bf16 about 4x slower than in
@@ -78,6 +84,7 @@ class POPIConfig:
     param_filter: str | None = None
     autocast_bf16: bool = False
     deduplicate: bool = True
+    share_prompts: bool = False
     attn_implementation: str | None = None
 
     def __post_init__(self) -> None:
@@ -104,6 +111,52 @@ class Block(NamedTuple):
     rewards: Tensor  # (..., K) float32: every stored reward, NaN after the prompt's own K
     first: Tensor  # (..., U) long: index into rewards of the row's first copy (0 for padding)
     copies: Tensor  # (..., U) float32: stored responses the row stands for (0 for padding)
+
+
+class SharedPrompts(NamedTuple):
+    """A ``Block`` as two forwards: each prompt once, then the real rows' completions attending
+    to their prompt's cached keys and values."""
+
+    prompt_ids: Tensor  # (p, N) long, right-padded
+    completion_ids: Tensor  # (R, C) long, right-padded
+    position_ids: Tensor  # (R, C) long: a completion's positions continue its prompt's
+    attention_mask: Tensor  # (R, 1, C, N + C) float32: 0 where attended, float32 min elsewhere
+    owner: Tensor  # (R,) long: the prompt of each row
+    source: Tensor  # (R, T) long: row of cat(prompt logits (p*N), completion logits (R*C))
+    #                 holding the logits of each position of the block's real rows
+
+
+def share_prompts(block: Block) -> SharedPrompts:
+    """Split the block's real rows into prompts and completions such that, gathered through
+    ``source``, the two forwards give exactly the rows' own logits: a completion token sees its
+    prompt (and not the prompt's pads) and the earlier tokens of its own completion."""
+    p, _, t = block.input_ids.shape
+    owner, row = (block.copies > 0).nonzero(as_tuple=True)
+    n_prompt = block.target_mask[:, 0].int().argmax(-1) + 1  # first target + 1
+    lengths = block.target_mask[owner, row].sum(-1)  # (R,) completion lengths
+    width, span = int(n_prompt.max()), int(lengths.max())
+    positions = torch.arange(t, device=block.input_ids.device)
+    prompt_ids = torch.where(
+        positions[:width] < n_prompt[:, None], block.input_ids[:, 0, :width], _PAD_ID
+    )
+    start = n_prompt[owner][:, None]  # (R, 1)
+    offsets = positions[:span]
+    completion_ids = block.input_ids[owner, row].gather(1, (start + offsets).clamp(max=t - 1))
+    completion_ids = torch.where(offsets < lengths[:, None], completion_ids, _PAD_ID)
+    keys = torch.arange(width + span, device=positions.device)
+    allowed = torch.where(  # (R, C, N + C)
+        keys < width,
+        keys < start[:, :, None],
+        (keys - width)[None, None] <= offsets[None, :, None],
+    )
+    mask = torch.zeros(allowed.shape, device=positions.device)
+    mask = mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)[:, None]
+    # position j of a row: prompt logits up to its last prompt token, then completion logits
+    in_prompt = owner[:, None] * width + positions.clamp(max=width - 1)
+    in_completion = p * width + torch.arange(len(owner), device=positions.device)[:, None] * span
+    in_completion = in_completion + (positions - start).clamp(0, span - 1)
+    source = torch.where(positions < start, in_prompt, in_completion)
+    return SharedPrompts(prompt_ids, completion_ids, start + offsets, mask, owner, source)
 
 
 def distinct_responses(traj: PromptTrajectories) -> list[list[int]]:
@@ -338,6 +391,23 @@ def real_rows(block: Block) -> Tensor:
     """(R, T) ids of every prompt's real rows, prompt after prompt: the padding rows of a
     (p, U, T) block are left out, so a batch of prompts costs its distinct responses only."""
     return block.input_ids[block.copies > 0]
+
+
+def shared_prompt_logits(model: nn.Module, shared: SharedPrompts) -> Tensor:
+    """(R, T, V) logits of the block's real rows from ``share_prompts``' two forwards; the
+    cached keys and values keep their graph, so gradients reach the prompt's tokens once per
+    prompt, summed over its rows."""
+    prompts = model(shared.prompt_ids, use_cache=True)
+    cache = prompts.cache
+    cache.batch_select_indices(shared.owner)
+    completions = model(
+        shared.completion_ids,
+        attention_mask=shared.attention_mask,
+        position_ids=shared.position_ids,
+        cache=cache,
+    )
+    flat = torch.cat([logits_of(prompts).flatten(0, 1), logits_of(completions).flatten(0, 1)])
+    return flat[shared.source]
 
 
 def batch_loss(logits: Tensor, block: Block, config: POPIConfig) -> Tensor:
