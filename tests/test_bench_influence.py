@@ -227,7 +227,7 @@ def test_selection_section_runs_the_config(tmp_path):
     sketches = {f"k={k}, sketch seed {s}" for k in (256, 1024) for s in (1, 2, 3)}
     same_gradients = {
         "float32 (no autocast)", "loop (one backward per prompt)",
-        "prompt once per response (share_prompts off)",
+        "prompt once per response (share_prompt_cache off)",
         "every response, prompt once per response, 8 prompts per backward",
         "float32 loop, sdpa (the default before bf16)",
         *(f"{n} prompts per backward" for n in (16, 24, 32)),

@@ -365,7 +365,7 @@ def test_shared_prompts_give_each_rows_logits_and_the_loop_gradients(
     ]
     trajs[1].prompt_ids[0] = 0
     block = popi.collate(trajs, torch.device("cpu"))
-    shared = popi.share_prompts(block)
+    shared = popi.split_prompts(block)
     rows = block.copies > 0
     assert shared.prompt_ids.shape[0] == len(trajs) and shared.owner.shape[0] == rows.sum()
     lengths = {len(t.prompt_ids) for t in trajs}
@@ -382,7 +382,7 @@ def test_shared_prompts_give_each_rows_logits_and_the_loop_gradients(
     assert scored.sum() == tokens
     assert torch.allclose(got[:, :-1][scored], ref[:, :-1][scored], atol=1e-5)
 
-    cfg = replace(config, share_prompts=True, attn_implementation=attn)
+    cfg = replace(config, share_prompt_cache=True, attn_implementation=attn)
     hooks = POPIGradients(model, cfg, prompts_per_batch=4, method="hooks")
     loop = POPIGradients(model, config, method="loop")
     got_grads, ref_grads = collect(hooks, trajs), collect(loop, trajs)
@@ -393,7 +393,7 @@ def test_shared_prompts_give_each_rows_logits_and_the_loop_gradients(
         for name in hooks.param_names:
             piece = slice(hooks.offsets[name], hooks.offsets[name] + sizes[name])
             assert rel_err(got_grads[i][piece], ref_grads[i][piece]) < 1e-4, (i, name)
-    with pytest.raises(ValueError, match="share_prompts is an option of method='hooks'"):
+    with pytest.raises(ValueError, match="share_prompt_cache is an option of method='hooks'"):
         POPIGradients(model, cfg, method="loop")
 
 
@@ -503,7 +503,12 @@ def test_factorised_projection_equals_kronecker_projection_of_exact_gradient(sha
     model = perturbed(beta, 0.05, 18)
     config = POPIConfig(ratio_mode="truncate")
     fact = FactorisedProjection(
-        model, replace(config, share_prompts=share), k_in=5, k_out=7, seed=3, prompts_per_batch=4
+        model,
+        replace(config, share_prompt_cache=share),
+        k_in=5,
+        k_out=7,
+        seed=3,
+        prompts_per_batch=4,
     )
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     assert fact.layer_names == linears and "lm_head" in linears

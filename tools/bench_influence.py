@@ -514,7 +514,7 @@ COMPILED_FIRST = "countsketch, torch.compile, first pass (compiles)"
 COMPILED_AFTER = "countsketch, torch.compile, second pass"
 BF16_HOOKS = "countsketch k={k}, bf16 autocast, eager attention, hooks"  # the config's pass
 BF16_POPI = POPIConfig(  # as configs/cropi_tiny.yaml
-    autocast_bf16=True, attn_implementation="eager", share_prompts=True
+    autocast_bf16=True, attn_implementation="eager", share_prompt_cache=True
 )
 CONFIG_PROMPTS_PER_BATCH = 24  # as configs/cropi_tiny.yaml
 
@@ -813,19 +813,19 @@ def selection_options(model: nn.Module, scorer: InfluenceScorer) -> dict[str, In
         ),
         "float32 (no autocast)": variant(popi=replace(scorer.popi, autocast_bf16=False)),
         "loop (one backward per prompt)": variant(
-            method="loop", popi=replace(scorer.popi, share_prompts=False)
+            method="loop", popi=replace(scorer.popi, share_prompt_cache=False)
         ),
-        "prompt once per response (share_prompts off)": variant(
-            popi=replace(scorer.popi, share_prompts=False)
+        "prompt once per response (share_prompt_cache off)": variant(
+            popi=replace(scorer.popi, share_prompt_cache=False)
         ),
         "every response, prompt once per response, 8 prompts per backward": variant(
             prompts_per_batch=8,
-            popi=replace(scorer.popi, deduplicate=False, share_prompts=False),
+            popi=replace(scorer.popi, deduplicate=False, share_prompt_cache=False),
         ),
         "float32 loop, sdpa (the default before bf16)": variant(
             method="loop",
             popi=replace(
-                scorer.popi, autocast_bf16=False, attn_implementation=None, share_prompts=False
+                scorer.popi, autocast_bf16=False, attn_implementation=None, share_prompt_cache=False
             ),
         ),
     }

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
@@ -11,6 +9,7 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from cropi_pl.generation.engine import Completion, GenerationEngine
+from cropi_pl.kv_cache import cache_keyword
 
 
 class SeededGumbelSampler(LogitsProcessor):
@@ -64,12 +63,6 @@ def _is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def _cache_keyword(model: nn.Module) -> str:
-    """The forward/generate keyword of the KV cache: ``cache`` since transformers 5.2x,
-    ``past_key_values`` before (the vLLM environment pins an older transformers)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def _shared_prefix_cache(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, num_samples: int
 ) -> DynamicCache:
@@ -87,7 +80,7 @@ def _shared_prefix_cache(
         attention_mask=attention_mask[:, :-1],
         position_ids=positions[:, :-1],
         use_cache=True,
-        **{_cache_keyword(model): cache},
+        **{cache_keyword(model): cache},
     )
     cache.batch_repeat_interleave(num_samples)
     return cache
@@ -205,7 +198,7 @@ class HFGenerateEngine(GenerationEngine):
             cached = {}
             if self.share_prompt_cache and num_samples > 1 and width > 1:
                 cache = _shared_prefix_cache(model, input_ids, attention_mask, num_samples)
-                cached[_cache_keyword(model)] = cache
+                cached[cache_keyword(model)] = cache
             sequences = model.generate(
                 input_ids=input_ids.repeat_interleave(num_samples, dim=0),
                 attention_mask=attention_mask.repeat_interleave(num_samples, dim=0),

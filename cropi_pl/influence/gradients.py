@@ -32,8 +32,8 @@ from cropi_pl.influence.popi import (
     prompt_loss,
     prompt_rows,
     real_rows,
-    share_prompts,
     shared_prompt_logits,
+    split_prompts,
     vocab_size_of,
 )
 from cropi_pl.influence.projection import SparseProjector
@@ -56,7 +56,7 @@ def hooked_backward(
     model: nn.Module, modules: dict[str, nn.Module], block: Block, config: POPIConfig
 ) -> HookedCalls:
     """One backward of ``batch_loss`` over the block's real (R, T) rows, run as one forward or,
-    with ``config.share_prompts``, as a forward of the prompts and one of the completions, with
+    with ``config.share_prompt_cache``, as a forward of the prompts and one of the completions, with
     the (first input, output gradient) of every call of each of ``modules``. Parameter gradients
     are never accumulated: autograd only differentiates down to the hooked outputs. The tensors
     keep the dtypes the pass ran in; each consumer chooses the precision of its per-prompt sums."""
@@ -77,8 +77,8 @@ def hooked_backward(
     ]
     rows = prompt_rows(block)
     try:
-        if config.share_prompts:
-            shared = share_prompts(block)
+        if config.share_prompt_cache:
+            shared = split_prompts(block)
             logits = shared_prompt_logits(model, shared)
         else:
             logits = logits_of(model(real_rows(block)))
@@ -88,7 +88,7 @@ def hooked_backward(
     hooked = [y for name in modules for y in outputs[name]]
     out_grads = iter(torch.autograd.grad(batch_loss(logits, block, config), hooked))
     calls = {name: [(x, next(out_grads), f) for x, f in inputs[name]] for name in modules}
-    if config.share_prompts:
+    if config.share_prompt_cache:
         span = shared.completion_ids.shape[1]
         sizes = [[shared.prompt_ids.shape[1]] * len(rows), [u * span for u in rows]]
     else:
@@ -243,9 +243,9 @@ class POPIGradients:
         if method is None:
             method = "vmap" if self._device().type == "cuda" else "loop"
         self._hooked, unsupported = self._hookplan_batches()
-        if config.share_prompts and method != "hooks":
+        if config.share_prompt_cache and method != "hooks":
             raise ValueError(
-                f"popi.share_prompts is an option of method='hooks', got method={method!r}"
+                f"popi.share_prompt_cache is an option of method='hooks', got method={method!r}"
             )
         if method == "hooks" and unsupported:
             raise ValueError(

@@ -19,7 +19,8 @@ Identical responses of a prompt (same completion, same reward) have identical te
 layout holds each distinct response once with its number of copies: the loss, hence the gradient,
 is unchanged, and the forward/backward skips the copies (a policy sampling at low temperature, or
 one that has learnt a prompt, repeats itself: 54% of the stored responses of
-``configs/cropi_tiny.yaml``'s first pass are copies).
+``configs/cropi_tiny.yaml``'s first pass are copies). With ``POPIConfig.share_prompt_cache``
+the distinct responses of a prompt also share one forward of the prompt (``split_prompts``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from torch import Tensor, nn
 from cropi_pl.grpo.advantages import group_advantages
 from cropi_pl.grpo.losses import selective_log_softmax
 from cropi_pl.influence.trajectories import PromptTrajectories, zero_mask
+from cropi_pl.kv_cache import cache_keyword
 
 RatioMode = Literal["none", "clip", "truncate"]
 _RATIO_MODES = ("none", "clip", "truncate")
@@ -65,12 +67,11 @@ class POPIConfig:
     2-core VM). Elsewhere bf16 is emulated and slower than fp32, and the pass warns.
     ``deduplicate``: identical stored responses of a prompt (same completion and reward) run once,
     counted as often as they were stored (module doc); exact, so off only to measure what it saves.
-    ``share_prompts`` ("hooks" only): lay each prompt out as ONE packed sequence, its prompt once
-    and then each distinct completion, every completion attending to the prompt and to itself
-    (``pack_prompts``), instead of one row per response repeating the prompt. Exact (the same
-    logits), and the prompt's forward/backward runs once per prompt instead of once per distinct
-    response; needs a model taking a 4D additive ``attention_mask`` and ``position_ids`` (HF
-    causal LMs).
+    ``share_prompt_cache`` ("hooks" only): run each prompt once and its distinct completions
+    against the prompt's cached keys and values (``split_prompts``), instead of one row per
+    response repeating the prompt. Exact (the same logits); the cache keeps its graph, so the
+    prompt's gradient arrives summed over its completions. Needs an HF causal LM (a KV cache, a
+    4D additive ``attention_mask`` and ``position_ids``).
     ``attn_implementation``: the HF attention kernel during the pass (e.g. "eager", "sdpa"),
     restored afterwards; None keeps the model's. On CPU, for short sequences and small heads,
     "eager" beats "sdpa", whose fused backward is slow there, in bf16 about 4x slower than in
@@ -84,7 +85,7 @@ class POPIConfig:
     param_filter: str | None = None
     autocast_bf16: bool = False
     deduplicate: bool = True
-    share_prompts: bool = False
+    share_prompt_cache: bool = False
     attn_implementation: str | None = None
 
     def __post_init__(self) -> None:
@@ -126,7 +127,7 @@ class SharedPrompts(NamedTuple):
     #                 holding the logits of each position of the block's real rows
 
 
-def share_prompts(block: Block) -> SharedPrompts:
+def split_prompts(block: Block) -> SharedPrompts:
     """Split the block's real rows into prompts and completions such that, gathered through
     ``source``, the two forwards give exactly the rows' own logits: a completion token sees its
     prompt (and not the prompt's pads) and the earlier tokens of its own completion."""
@@ -394,17 +395,18 @@ def real_rows(block: Block) -> Tensor:
 
 
 def shared_prompt_logits(model: nn.Module, shared: SharedPrompts) -> Tensor:
-    """(R, T, V) logits of the block's real rows from ``share_prompts``' two forwards; the
+    """(R, T, V) logits of the block's real rows from ``split_prompts``' two forwards; the
     cached keys and values keep their graph, so gradients reach the prompt's tokens once per
     prompt, summed over its rows."""
+    keyword = cache_keyword(model)
     prompts = model(shared.prompt_ids, use_cache=True)
-    cache = prompts.cache
+    cache = getattr(prompts, keyword)
     cache.batch_select_indices(shared.owner)
     completions = model(
         shared.completion_ids,
         attention_mask=shared.attention_mask,
         position_ids=shared.position_ids,
-        cache=cache,
+        **{keyword: cache},
     )
     flat = torch.cat([logits_of(prompts).flatten(0, 1), logits_of(completions).flatten(0, 1)])
     return flat[shared.source]
