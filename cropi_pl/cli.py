@@ -18,6 +18,7 @@ from cropi_pl.checkpointing import VerifiedCheckpointIO
 from cropi_pl.curriculum.callback import CurriculumCallback
 from cropi_pl.data.datamodule import CurriculumDataModule
 from cropi_pl.grpo.module import GRPOModule
+from cropi_pl.host_memory import keep_freed_memory
 from cropi_pl.policy.export import HFExport
 from cropi_pl.progress import StepProgressBar
 
@@ -181,7 +182,9 @@ class CROPICLI(LightningCLI):
 
 
 def main(args: list[str] | None = None, run: bool = True) -> CROPICLI:
-    """Parse ``args`` (default ``sys.argv``); ``run=False`` only instantiates (for tools)."""
+    """Parse ``args`` (default ``sys.argv``); ``run=False`` only instantiates (for tools).
+    Freed host memory stays in the process (:func:`~cropi_pl.host_memory.keep_freed_memory`)."""
+    keep_freed_memory()
     # GRPO steps inside training_step; checkpoints are meant to hold the post-step state.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     return CROPICLI(args=args, run=run)

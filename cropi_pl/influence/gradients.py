@@ -4,7 +4,9 @@
   (R, T) rows (no padding rows) under the SUM of the per-prompt losses (rows never interact, so
   each row's activation gradients are its own prompt's). Module hooks capture every layer's input
   and output gradient and each prompt's weight gradient is summed over its own rows only
-  (``_rule``: Linear, Embedding, RMSNorm).
+  (``_rule``: Linear, Embedding, RMSNorm). With ``POPIConfig.share_prompt_cache`` the rows run
+  as two forwards, the prompts once and the completions against their cached keys and values;
+  each forward's calls are summed with that forward's layout.
 * "vmap": ``torch.func.vmap`` over prompts of ``torch.func.grad`` of the per-prompt loss.
 * "loop": one ``torch.autograd.grad`` per prompt (the reference).
 """
