@@ -84,6 +84,20 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def assert_match_per_parameter(
+    grads: POPIGradients, got: dict[int, torch.Tensor], ref: dict[int, torch.Tensor]
+) -> None:
+    """Whole vectors within TOL, and each parameter's piece too, so a wrong small one cannot
+    hide in the norm; the looser bound is float32 noise on near-zero last-layer q/k gradients
+    (about 2e-5 measured)."""
+    sizes = {name: p.numel() for name, p in grads.model.named_parameters()}
+    for i in got:
+        assert rel_err(got[i], ref[i]) < TOL, i
+        for name in grads.param_names:
+            piece = slice(grads.offsets[name], grads.offsets[name] + sizes[name])
+            assert rel_err(got[i][piece], ref[i][piece]) < 1e-4, (i, name)
+
+
 def advantages(rewards: list[float], eps: float = 1e-4) -> list[float]:
     mean, std = statistics.mean(rewards), statistics.stdev(rewards)
     return [(r - mean) / (std + eps) for r in rewards]
@@ -334,15 +348,7 @@ def test_hooks_equal_loop_with_biases_tied_padding_row_and_uneven_lengths(
     assert "model.layers.0.mlp.down_proj.bias" in hooks.param_names or config.param_filter
     got, ref = collect(hooks, trajs), collect(loop, trajs)
     assert sorted(got) == sorted(ref) == [i for i in range(10) if i % 3]
-    sizes = {name: p.numel() for name, p in model.named_parameters()}
-    for i in got:
-        assert rel_err(got[i], ref[i]) < TOL, i
-        # per parameter too, so a wrong small one cannot hide in the norm; the looser bound is
-        # float32 noise on near-zero last-layer q/k gradients (about 2e-5 measured)
-        for name in hooks.param_names:
-            start = hooks.offsets[name]
-            piece = slice(start, start + sizes[name])
-            assert rel_err(got[i][piece], ref[i][piece]) < 1e-4, (i, name)
+    assert_match_per_parameter(hooks, got, ref)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -387,12 +393,7 @@ def test_shared_prompts_give_each_rows_logits_and_the_loop_gradients(
     loop = POPIGradients(model, config, method="loop")
     got_grads, ref_grads = collect(hooks, trajs), collect(loop, trajs)
     assert sorted(got_grads) == sorted(ref_grads) == [i for i in range(9) if i % 3]
-    sizes = {name: p.numel() for name, p in model.named_parameters()}
-    for i in got_grads:
-        assert rel_err(got_grads[i], ref_grads[i]) < TOL, i
-        for name in hooks.param_names:
-            piece = slice(hooks.offsets[name], hooks.offsets[name] + sizes[name])
-            assert rel_err(got_grads[i][piece], ref_grads[i][piece]) < 1e-4, (i, name)
+    assert_match_per_parameter(hooks, got_grads, ref_grads)
     with pytest.raises(ValueError, match="share_prompt_cache is an option of method='hooks'"):
         POPIGradients(model, cfg, method="loop")
 
