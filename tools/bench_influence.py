@@ -74,6 +74,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cropi_pl.atomic import atomic_file
 from cropi_pl.generation.hf import HFGenerateEngine
+from cropi_pl.host_memory import keep_freed_memory
 from cropi_pl.influence.cache import TrajectoryCache
 from cropi_pl.influence.collector import Collector, SamplingSettings
 from cropi_pl.influence.factorised import FactorisedProjection
@@ -1000,6 +1001,7 @@ def run(config: BenchConfig, previous: dict[str, Any]) -> dict[str, Any]:
     """The chosen sections; sections not run are kept from ``previous`` (``--update``)."""
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
+    kept = keep_freed_memory()  # as the CLI does: every section measures what a fit runs
     start = time.perf_counter()
     result = {k: v for k, v in previous.items() if k in SECTIONS}
     result.update(config=asdict(config), machine=machine_info(config.threads))
@@ -1015,6 +1017,7 @@ def run(config: BenchConfig, previous: dict[str, Any]) -> dict[str, Any]:
         else:
             result[name] = smollm2_section(config)
         result[name]["config"] = asdict(config)
+        result[name]["host_memory_kept"] = kept
         result[name]["wall_seconds"] = time.perf_counter() - start
         result[name]["load_average_at_end"] = os.getloadavg()
     return summarize(result, config)
