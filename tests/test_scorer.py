@@ -77,21 +77,22 @@ def _check_scores(result, pool, targets, rows) -> None:
 
 
 SETTINGS = {  # every gradient path x projection kind x cost option, against brute force
-    "loop-gaussian": ({"method": "loop"}, "gaussian", None, None),
-    "hooks-countsketch": ({"method": "hooks"}, "countsketch", None, None),
-    "vmap-rademacher": ({"method": "vmap"}, "rademacher", None, None),
-    "subset-countsketch": ({"method": "loop"}, "countsketch", r"layers\.0\.|lm_head", None),
-    "hooks-subset-3-responses": ({"method": "hooks"}, "gaussian", r"layers\.0\.mlp", 3),
+    "loop-gaussian": ({"method": "loop"}, "gaussian", None, None, False),
+    "hooks-countsketch": ({"method": "hooks"}, "countsketch", None, None, False),
+    "vmap-rademacher": ({"method": "vmap"}, "rademacher", None, None, False),
+    "subset-countsketch": ({"method": "loop"}, "countsketch", r"layers\.0\.|lm_head", None, False),
+    "hooks-subset-3-responses": ({"method": "hooks"}, "gaussian", r"layers\.0\.mlp", 3, False),
+    "hooks-shared-prompts": ({"method": "hooks"}, "countsketch", None, None, True),
 }
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_scores_equal_brute_force_projection_and_cosine(setting: str) -> None:
-    options, kind, param_filter, responses = SETTINGS[setting]
+    options, kind, param_filter, responses, share = SETTINGS[setting]
     model, pool, targets = _setup()
     projection = ProjectionConfig(dim=64, kept_fraction=0.5, seed=3, kind=kind)
     scorer = InfluenceScorer(
-        POPIConfig(param_filter=param_filter),
+        POPIConfig(param_filter=param_filter, share_prompt_cache=share),
         projection,
         prompts_per_batch=3,
         responses_per_prompt=responses,
