@@ -776,9 +776,10 @@ def selection_section(config: BenchConfig) -> dict[str, Any]:
 def selection_options(model: nn.Module, scorer: InfluenceScorer) -> dict[str, InfluenceScorer]:
     """Variants of the config's scorer: other CountSketch seeds at its k and at 4k (CountSketch's
     cost does not depend on k), other numbers of prompts per backward, fewer responses, the last
-    layer + head only, float32 instead of bf16 autocast, one backward per prompt, the previous
-    default (every stored response, 8 prompts per backward) and the default before bf16 (the
-    float32 per-prompt loop through the model's own attention kernel)."""
+    layer + head only, float32 instead of bf16 autocast, one backward per prompt, each response
+    with its own copy of the prompt (``share_prompt_cache`` off), that and every stored response
+    at 8 prompts per backward (the default before deduplication) and the default before bf16
+    (the float32 per-prompt loop through the model's own attention kernel)."""
 
     def variant(**changes: Any) -> InfluenceScorer:
         settings = {

@@ -88,10 +88,9 @@ class FactorisedProjection:
 
     def project_calls(self, hooked: HookedCalls) -> Tensor:
         """(p, dim) projections from ``hooked_backward``'s calls of (at least) ``layers``."""
-        pieces = []
+        p, pieces = len(hooked.sizes[0]), []
         for name in self.layer_names:
             p_in, p_out = self.projections[name]
-            p = len(hooked.sizes[0])
             piece = p_in.new_zeros(p, p_out.shape[1], p_in.shape[1])
             for x, g, forward in hooked.calls[name]:  # a layer called several times adds each
                 sizes = hooked.sizes[forward]

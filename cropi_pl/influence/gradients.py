@@ -88,7 +88,7 @@ def hooked_backward(
         for handle in handles:
             handle.remove()
     hooked = [y for name in modules for y in outputs[name]]
-    out_grads = iter(torch.autograd.grad(batch_loss(logits, block, config), hooked))
+    out_grads = iter(torch.autograd.grad(batch_loss(logits, block, rows, config), hooked))
     calls = {name: [(x, next(out_grads), f) for x, f in inputs[name]] for name in modules}
     if config.share_prompt_cache:
         span = shared.completion_ids.shape[1]
@@ -244,7 +244,7 @@ class POPIGradients:
         self._vocab_size = vocab_size_of(model)
         if method is None:
             method = "vmap" if self._device().type == "cuda" else "loop"
-        self._hooked, unsupported = self._hookplan_batches()
+        self._hooked, unsupported = self._hook_plan()
         if config.share_prompt_cache and method != "hooks":
             raise ValueError(
                 f"popi.share_prompt_cache is an option of method='hooks', got method={method!r}"
@@ -256,7 +256,7 @@ class POPIGradients:
             )
         self.method: Method = method
 
-    def _hookplan_batches(self) -> tuple[dict[str, tuple[nn.Module, dict[str, str]]], list[str]]:
+    def _hook_plan(self) -> tuple[dict[str, tuple[nn.Module, dict[str, str]]], list[str]]:
         """Modules owning selected parameters, each with {attribute: flat-layout name} (a tied
         weight appears under every module that owns it), and the selected parameters that some
         owner has no rule for ("module (type)")."""

@@ -412,11 +412,10 @@ def shared_prompt_logits(model: nn.Module, shared: SharedPrompts) -> Tensor:
     return flat[shared.source]
 
 
-def batch_loss(logits: Tensor, block: Block, config: POPIConfig) -> Tensor:
-    """Sum over prompts of the per-prompt loss from the (R, T, V) logits of ``real_rows``: a
-    prompt's rows only reach its own term, so the gradient through each row is that prompt's own
-    gradient."""
-    rows = prompt_rows(block)
+def batch_loss(logits: Tensor, block: Block, rows: list[int], config: POPIConfig) -> Tensor:
+    """Sum over prompts of the per-prompt loss from the (R, T, V) logits of ``real_rows``, prompt
+    j owning the next ``rows[j]`` (``prompt_rows``): a prompt's rows only reach its own term, so
+    the gradient through each row is that prompt's own gradient."""
     terms = []
     for j, (chunk, u) in enumerate(zip(logits.split(rows), rows, strict=True)):
         ids, mask, behaviour = (x[j, :u] for x in block[:3])
