@@ -65,6 +65,7 @@ def _check_scores(result, pool, targets, rows) -> None:
     assert result.eligible.tolist() == [i in pool_rows for i in range(len(pool))]
     for name, trajs in targets.items():
         mean = torch.stack(list(rows(trajs).values())).mean(0)
+        torch.testing.assert_close(result.target_means[name].double(), mean, rtol=1e-4, atol=1e-6)
         for i in range(len(pool)):
             expected = (
                 torch.nn.functional.cosine_similarity(pool_rows[i], mean, dim=0)
@@ -114,6 +115,28 @@ def test_scores_equal_brute_force_projection_and_cosine(setting: str) -> None:
         }
 
     _check_scores(result, pool, targets, rows)
+
+
+def test_target_subset_keeps_non_zero_prompts_capped_by_seed() -> None:
+    """Prompt i is identified by its prompt token; prompts 0 and 5 have all-equal rewards, and
+    prompt 7 only once ``responses_per_prompt`` keeps its first two (equal) rewards."""
+    rewards = {0: [1.0, 1.0, 1.0], 5: [0.0, 0.0, 0.0], 7: [0.0, 0.0, 1.0]}
+    trajs = [
+        PromptTrajectories([i], [[1], [2], [3]], [[-1.0]] * 3, rewards.get(i, [1.0, 0.0, 1.0]))
+        for i in range(10)
+    ]
+
+    def chosen(seed: int, cap: int = 4, responses: int | None = None) -> list[int]:
+        scorer = InfluenceScorer(max_target_prompts=cap, seed=seed, responses_per_prompt=responses)
+        return [t.prompt_ids[0] for t in scorer.target_subset(trajs)]
+
+    assert chosen(1, cap=100) == [1, 2, 3, 4, 6, 7, 8, 9]
+    assert chosen(1, cap=100, responses=2) == [1, 2, 3, 4, 6, 8, 9]
+    assert len(chosen(1)) == 4 and not {0, 5} & set(chosen(1))
+    assert chosen(1) == chosen(1)
+    assert len({tuple(chosen(s)) for s in range(2, 8)}) > 1
+    with pytest.raises(ValueError, match="all-equal cached rewards"):
+        InfluenceScorer().target_subset([trajs[0], trajs[5]])
 
 
 def test_factorised_scores_equal_brute_force_kronecker_projection() -> None:

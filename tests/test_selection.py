@@ -20,7 +20,6 @@ from cropi_pl.influence.selection import (
     max_merge,
     reciprocal_rank_merge,
     selection_size,
-    target_mean,
 )
 
 # Three target sets over five prompts; per-set top-3 ranks are written next to each set.
@@ -155,31 +154,6 @@ def test_cosine_scores_match_loop() -> None:
     pool[5, 1] = float("inf")
     with pytest.raises(ValueError, match="row 5"):
         cosine_scores(pool, target)
-
-
-def test_target_mean_excludes_zero_gradients() -> None:
-    vectors = torch.tensor([[1.0, 2.0], [1e6, 1e6], [3.0, 0.0], [-1e6, 5.0], [2.0, 7.0]])
-    nonzero = torch.tensor([True, False, True, False, True])
-    assert target_mean(vectors, nonzero).tolist() == pytest.approx([2.0, 3.0])
-    with pytest.raises(ValueError, match="zero gradient"):
-        target_mean(vectors, torch.zeros(5, dtype=torch.bool))
-    with pytest.raises(ValueError, match="bool mask"):
-        target_mean(vectors, torch.ones(4, dtype=torch.bool))
-
-
-def test_target_mean_caps_prompts_with_seeded_subset() -> None:
-    vectors = torch.eye(10)  # a mean of one-hot rows shows exactly which rows were used
-    nonzero = torch.tensor([i % 5 != 0 for i in range(10)])  # rows 0 and 5 excluded
-    mean = target_mean(vectors, nonzero, max_prompts=4, seed=1)
-    used = mean.nonzero().flatten().tolist()
-    assert len(used) == 4 and not {0, 5} & set(used)
-    assert torch.all(mean[used] == 0.25)
-    assert torch.equal(mean, target_mean(vectors, nonzero, max_prompts=4, seed=1))
-    others = {
-        tuple(target_mean(vectors, nonzero, 4, seed=s).nonzero().flatten().tolist())
-        for s in range(2, 8)
-    }
-    assert len(others) > 1
 
 
 IDS = [f"p{i}" for i in range(6)]

@@ -70,21 +70,25 @@ class FactorisedProjection:
         self.dim: int = len(self.layer_names) * k_in * k_out
         self._vocab_size = vocab_size_of(model)
 
-    def project(self, trajs: Sequence[PromptTrajectories]) -> Iterator[tuple[list[int], Tensor]]:
-        """Yield (indices into trajs, (p, dim) float32 projected gradients) for non-zero prompts."""
+    def project(
+        self, trajs: Sequence[PromptTrajectories], summed: bool = False
+    ) -> Iterator[tuple[list[int], Tensor]]:
+        """Yield (indices into trajs, (p, dim) float32 projected gradients) for non-zero prompts;
+        with ``summed``, (1, dim): their sum, each layer's calls summed as one prompt's."""
         with gradient_mode(self.model, self.config):
             for indices in plan_batches(trajs, self._vocab_size, self.prompts_per_batch):
-                yield indices, self._project_batch([trajs[i] for i in indices])
+                yield indices, self._project_batch([trajs[i] for i in indices], summed)
 
     @property
     def layers(self) -> dict[str, nn.Module]:
         """The linear layers whose (input, output gradient) calls ``project_calls`` needs."""
         return dict(self._layers)
 
-    def _project_batch(self, trajs: list[PromptTrajectories]) -> Tensor:
+    def _project_batch(self, trajs: list[PromptTrajectories], summed: bool) -> Tensor:
         device = next(iter(self._layers.values())).weight.device
         block = collate(trajs, device, self.config.deduplicate)
-        return self.project_calls(hooked_backward(self.model, self._layers, block, self.config))
+        hooked = hooked_backward(self.model, self._layers, block, self.config)
+        return self.project_calls(hooked.merged() if summed else hooked)
 
     def project_calls(self, hooked: HookedCalls) -> Tensor:
         """(p, dim) projections from ``hooked_backward``'s calls of (at least) ``layers``."""

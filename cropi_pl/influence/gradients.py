@@ -27,15 +27,13 @@ from cropi_pl.influence.popi import (
     Block,
     POPIConfig,
     batch_loss,
+    block_logits,
     collate,
     gradient_mode,
     logits_of,
     plan_batches,
     prompt_loss,
     prompt_rows,
-    real_rows,
-    shared_prompt_logits,
-    split_prompts,
     vocab_size_of,
 )
 from cropi_pl.influence.projection import SparseProjector
@@ -52,6 +50,11 @@ class HookedCalls(NamedTuple):
 
     calls: dict[str, list[tuple[Tensor, Tensor, int]]]
     sizes: list[list[int]]
+
+    def merged(self) -> HookedCalls:
+        """The same calls with every forward's tokens owned by one prompt: per-prompt rules then
+        give the batch's summed gradient (1, ...)."""
+        return HookedCalls(self.calls, [[sum(sizes)] for sizes in self.sizes])
 
 
 def hooked_backward(
@@ -79,18 +82,14 @@ def hooked_backward(
     ]
     rows = prompt_rows(block)
     try:
-        if config.share_prompt_cache:
-            shared = split_prompts(block)
-            logits = shared_prompt_logits(model, shared)
-        else:
-            logits = logits_of(model(real_rows(block)))
+        logits, shared = block_logits(model, block, config)
     finally:
         for handle in handles:
             handle.remove()
     hooked = [y for name in modules for y in outputs[name]]
     out_grads = iter(torch.autograd.grad(batch_loss(logits, block, rows, config), hooked))
     calls = {name: [(x, next(out_grads), f) for x, f in inputs[name]] for name in modules}
-    if config.share_prompt_cache:
+    if shared is not None:
         span = shared.completion_ids.shape[1]
         sizes = [[shared.prompt_ids.shape[1]] * len(rows), [u * span for u in rows]]
     else:
@@ -295,11 +294,30 @@ class POPIGradients:
                     piece = grads.pop(name).reshape(len(indices), -1).float()
                     yield indices, name, self.offsets[name], piece
 
+    def summed_pieces(
+        self, trajs: Sequence[PromptTrajectories]
+    ) -> Iterator[tuple[list[int], str, int, Tensor]]:
+        """Like ``compute_pieces`` but each batch's gradients summed over its prompts, (1, numel):
+        one ordinary forward/backward of the summed per-prompt losses per batch of
+        ``prompts_per_batch`` prompts, whatever the method, and no per-prompt gradient. A mean
+        of projected gradients is the projection of this sum (projections are linear)."""
+        params, device = list(self._params.values()), self._device()
+        with gradient_mode(self.model, self.config):
+            for indices in plan_batches(trajs, self._vocab_size, self.prompts_per_batch):
+                block = collate([trajs[i] for i in indices], device, self.config.deduplicate)
+                logits, _ = block_logits(self.model, block, self.config)
+                loss = batch_loss(logits, block, prompt_rows(block), self.config)
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                for name, param, g in zip(self.param_names, params, grads, strict=True):
+                    g = torch.zeros_like(param) if g is None else g  # the model never used it
+                    yield indices, name, self.offsets[name], g.reshape(1, -1).float()
+
     def project(
-        self, trajs: Sequence[PromptTrajectories], projector: SparseProjector
+        self, trajs: Sequence[PromptTrajectories], projector: SparseProjector, summed: bool = False
     ) -> Iterator[tuple[list[int], Tensor]]:
         """Yield (indices into trajs, (p, k) float32 projections), each gradient streamed into
-        ``projector`` parameter by parameter: no flat (p, num_params) gradient is assembled."""
+        ``projector`` parameter by parameter: no flat (p, num_params) gradient is assembled. With
+        ``summed``, (1, k): the projection of the batch's summed gradient (``summed_pieces``)."""
         if projector.num_params != self.num_params:
             raise ValueError(
                 f"projector covers {projector.num_params} coordinates, the gradients "
@@ -307,11 +325,12 @@ class POPIGradients:
             )
         indices: list[int] | None = None
         state = None
-        for batch_indices, _, offset, piece in self.compute_pieces(trajs):
+        pieces = self.summed_pieces(trajs) if summed else self.compute_pieces(trajs)
+        for batch_indices, _, offset, piece in pieces:
             if batch_indices is not indices:
                 if indices is not None:
                     yield indices, projector.finish(state)
-                indices, state = batch_indices, projector.begin(len(batch_indices))
+                indices, state = batch_indices, projector.begin(piece.shape[0])
             projector.add(state, offset, piece)
         if indices is not None:
             yield indices, projector.finish(state)

@@ -412,6 +412,17 @@ def shared_prompt_logits(model: nn.Module, shared: SharedPrompts) -> Tensor:
     return flat[shared.source]
 
 
+def block_logits(
+    model: nn.Module, block: Block, config: POPIConfig
+) -> tuple[Tensor, SharedPrompts | None]:
+    """(R, T, V) logits of ``real_rows(block)``: one forward or, with
+    ``config.share_prompt_cache``, ``shared_prompt_logits``' two (whose layout comes back too)."""
+    if config.share_prompt_cache:
+        shared = split_prompts(block)
+        return shared_prompt_logits(model, shared), shared
+    return logits_of(model(real_rows(block))), None
+
+
 def batch_loss(logits: Tensor, block: Block, rows: list[int], config: POPIConfig) -> Tensor:
     """Sum over prompts of the per-prompt loss from the (R, T, V) logits of ``real_rows``, prompt
     j owning the next ``rows[j]`` (``prompt_rows``): a prompt's rows only reach its own term, so

@@ -16,12 +16,13 @@ from cropi_pl.influence.factorised import FactorisedProjection
 from cropi_pl.influence.gradients import Method, POPIGradients
 from cropi_pl.influence.popi import POPIConfig
 from cropi_pl.influence.projection import ProjectionConfig, SparseProjector
-from cropi_pl.influence.selection import cosine_scores, target_mean
+from cropi_pl.influence.selection import cosine_scores
 from cropi_pl.influence.trajectories import PromptTrajectories, zero_mask
 from cropi_pl.seeding import run_seed
 from cropi_pl.sharding import rank_and_world
 
-ProjectFn = Callable[[Sequence[PromptTrajectories]], Iterator[tuple[list[int], Tensor]]]
+# (prompts, summed) -> (indices, (p, dim) projections, or (1, dim) their sum with summed=True)
+ProjectFn = Callable[[Sequence[PromptTrajectories], bool], Iterator[tuple[list[int], Tensor]]]
 
 
 @dataclass
@@ -100,7 +101,7 @@ class InfluenceScorer:
         if self._projector is None or self._projector.num_params != grads.num_params:
             self._projector = SparseProjector(grads.num_params, self.projection)
         projector = self._projector
-        return projector.config.dim, lambda trajs: grads.project(trajs, projector)
+        return projector.config.dim, lambda trajs, summed: grads.project(trajs, projector, summed)
 
     def _responses(self, traj: PromptTrajectories) -> PromptTrajectories:
         """The first ``responses_per_prompt`` stored responses of ``traj``."""
@@ -127,7 +128,7 @@ class InfluenceScorer:
         mine = [i for i in range(len(trajs)) if nonzero[i] and i % world == rank]
         vectors = torch.zeros(len(trajs), dim, device=device)
         bar = tqdm(total=len(mine), desc=desc, disable=not progress or rank != 0, leave=False)
-        for batch, projected in project([trajs[i] for i in mine]):
+        for batch, projected in project([trajs[i] for i in mine], False):
             rows = torch.tensor([mine[i] for i in batch], device=device)
             vectors[rows] = projected.to(device)
             bar.update(len(batch))
@@ -135,6 +136,32 @@ class InfluenceScorer:
         if world > 1:
             dist.all_reduce(vectors)  # each row is non-zero on exactly one rank
         return vectors.cpu(), nonzero
+
+    def project_mean(
+        self,
+        model: nn.Module,
+        trajs: Sequence[PromptTrajectories],
+        desc: str = "influence",
+        progress: bool = True,
+    ) -> Tensor:
+        """(dim,) mean projected gradient of ``trajs`` (zero-gradient prompts count as zeros), as
+        the projection of their summed gradient: the projection is linear, so the mean needs one
+        plain backward per batch and no per-prompt gradient. Rank shares are all-reduced."""
+        if not trajs:
+            raise ValueError(f"{desc}: no prompts to average")
+        rank, world = rank_and_world()
+        device = next(model.parameters()).device
+        dim, project = self._engine(model)
+        mine = [self._responses(t) for t in trajs[rank::world]]
+        total = torch.zeros(dim, device=device)
+        bar = tqdm(total=len(mine), desc=desc, disable=not progress or rank != 0, leave=False)
+        for batch, summed in project(mine, True):
+            total += summed[0].to(device)
+            bar.update(len(batch))
+        bar.close()
+        if world > 1:
+            dist.all_reduce(total)
+        return (total.double() / len(trajs)).float().cpu()
 
     def score(
         self,
@@ -148,9 +175,8 @@ class InfluenceScorer:
         stats: dict[str, float] = {}
         for name, trajs in targets.items():
             chosen = self.target_subset(trajs)
-            vectors, nonzero = self.project(model, chosen, f"target {name}", progress)
-            means[name] = target_mean(vectors, nonzero, self.max_target_prompts, self.seed)
-            stats[f"target_prompts/{name}"] = float(nonzero.sum())
+            means[name] = self.project_mean(model, chosen, f"target {name}", progress)
+            stats[f"target_prompts/{name}"] = float(len(chosen))
         pool_vectors, eligible = self.project(model, pool, "pool", progress)
         scores = {name: cosine_scores(pool_vectors, mean) for name, mean in means.items()}
         stats["zero_gradient_prompts"] = float((~eligible).sum())
@@ -159,7 +185,9 @@ class InfluenceScorer:
         )
 
     def target_subset(self, trajs: Sequence[PromptTrajectories]) -> list[PromptTrajectories]:
-        """Up to ``max_target_prompts`` non-zero target prompts, chosen by seed (saves passes)."""
+        """Up to ``max_target_prompts`` target prompts with a non-zero gradient (after
+        ``responses_per_prompt``), chosen by seed (saves passes)."""
+        trajs = [self._responses(t) for t in trajs]
         candidates = [t for t, z in zip(trajs, zero_mask(trajs), strict=True) if not z]
         if not candidates:
             raise ValueError(

@@ -34,31 +34,7 @@ __all__ = [
     "max_merge",
     "reciprocal_rank_merge",
     "selection_size",
-    "target_mean",
 ]
-
-
-def target_mean(
-    vectors: torch.Tensor, nonzero: torch.Tensor, max_prompts: int = 100, seed: int = 0
-) -> torch.Tensor:
-    """Mean ``(k,)`` of the projected gradients of up to ``max_prompts`` target prompts.
-
-    Zero-gradient prompts (all rewards equal) carry no direction and are excluded; when more than
-    ``max_prompts`` remain, a subset seeded by ``seed`` is used, as in the reference code."""
-    if vectors.dim() != 2 or nonzero.shape != (vectors.shape[0],) or nonzero.dtype != torch.bool:
-        raise ValueError(
-            f"target_mean: expected vectors (P, k) and a bool mask (P,), got "
-            f"{tuple(vectors.shape)} and {tuple(nonzero.shape)} {nonzero.dtype}"
-        )
-    if max_prompts < 1:
-        raise ValueError(f"target_mean: max_prompts must be >= 1, got {max_prompts}")
-    rows = torch.nonzero(nonzero.cpu()).flatten()
-    if rows.numel() == 0:
-        raise ValueError("target_mean: every target prompt has a zero gradient; nothing to average")
-    if rows.numel() > max_prompts:
-        gen = torch.Generator().manual_seed(seed)
-        rows = rows[torch.randperm(rows.numel(), generator=gen)[:max_prompts]].sort().values
-    return vectors[rows.to(vectors.device)].double().mean(dim=0).float()
 
 
 def cosine_scores(pool: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
