@@ -190,7 +190,8 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
     scorer = InfluenceScorer(projection=ProjectionConfig(dim=32, seed=1), prompts_per_batch=2)
     result = scorer.score(model, pool, targets, progress=False)
     if rank == 0:
-        torch.save({"scores": result.scores, "vectors": result.pool_vectors}, out)
+        saved = {"scores": result.scores, "vectors": result.pool_vectors}
+        torch.save({**saved, "means": result.target_means}, out)
     dist.destroy_process_group()
 
 
@@ -204,6 +205,8 @@ def test_two_ranks_give_the_single_process_scores_and_selection(tmp_path):
     scorer = InfluenceScorer(projection=ProjectionConfig(dim=32, seed=1), prompts_per_batch=2)
     single = scorer.score(model, pool, targets, progress=False)
     torch.testing.assert_close(distributed["vectors"], single.pool_vectors, rtol=1e-5, atol=1e-6)
+    for name, mean in single.target_means.items():  # each rank sums a share of the targets
+        torch.testing.assert_close(distributed["means"][name], mean, rtol=1e-5, atol=1e-6)
     ids = [f"p{i}" for i in range(len(pool))]
 
     def select(scores):

@@ -46,14 +46,16 @@ class InfluenceScorer:
 
     Cost controls (``tools/bench_influence.py`` measures each against exact scores):
     prompts whose cached rewards are all equal are skipped before any forward pass (their
-    gradient is exactly zero); ``responses_per_prompt`` uses only the first K' stored responses of
-    each prompt; ``popi.param_filter`` differentiates a parameter subset (the backward stops
-    early); ``popi.autocast_bf16`` runs the passes in bf16 with fp32 accumulation; gradients are
-    streamed parameter by parameter into the projection (``projection.kind="countsketch"`` costs
-    one scatter-add per kept coordinate), so at most ``prompts_per_batch`` full gradients exist
-    (one with ``method="loop"``). ``factorised=(k_in, k_out)`` replaces the gradient and the
-    projection by :class:`~cropi_pl.influence.factorised.FactorisedProjection` (linear layers
-    matching ``popi.param_filter``, seeded by ``projection.seed``): the gradient is never formed.
+    gradient is exactly zero); a target set's mean is the projection of its summed gradient
+    (``project_mean``: plain backwards, no per-prompt gradient); ``responses_per_prompt`` uses
+    only the first K' stored responses of each prompt; ``popi.param_filter`` differentiates a
+    parameter subset (the backward stops early); ``popi.autocast_bf16`` runs the passes in bf16
+    with fp32 accumulation; gradients are streamed parameter by parameter into the projection
+    (``projection.kind="countsketch"`` costs one scatter-add per kept coordinate), so at most
+    ``prompts_per_batch`` full gradients exist (one with ``method="loop"``).
+    ``factorised=(k_in, k_out)`` replaces the gradient and the projection by
+    :class:`~cropi_pl.influence.factorised.FactorisedProjection` (linear layers matching
+    ``popi.param_filter``, seeded by ``projection.seed``): the gradient is never formed.
     ``method`` is ``POPIGradients``'s (None: vmap on CUDA, the per-prompt loop elsewhere).
     """
 
