@@ -80,3 +80,73 @@ def test_the_cli_keeps_freed_memory(monkeypatch: pytest.MonkeyPatch, tmp_path) -
         run=False,
     )
     assert len(calls) == 1
+
+
+HUGE = """
+import sys
+from cropi_pl.host_memory import huge_pages_for_large_tensors
+promised = huge_pages_for_large_tensors()
+import torch
+tensor = torch.ones(16 << 20)  # 64 MiB, written
+with open("/proc/self/smaps_rollup") as smaps:
+    huge = next(int(line.split()[1]) for line in smaps if line.startswith("AnonHugePages:"))
+print(promised, huge << 10)
+"""
+
+
+def _thp_mode() -> str | None:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
+@pytest.mark.skipif(_thp_mode() not in ("madvise", "always"), reason="no transparent huge pages")
+def test_large_tensors_sit_on_huge_pages_unless_opted_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asked before torch is imported: the 64 MiB tensor sits on huge pages. Opted out
+    (``THP_MEM_ALLOC_ENABLE=0``), it does not where the kernel only gives them on request."""
+
+    def run() -> tuple[str, int]:
+        out = subprocess.run(
+            [sys.executable, "-c", HUGE], capture_output=True, text=True, check=True
+        ).stdout.split()
+        return out[0], int(out[1])
+
+    monkeypatch.delenv(host_memory.HUGE_PAGES, raising=False)
+    promised, huge = run()
+    assert promised == "True" and huge >= 48 * MIB, huge
+    monkeypatch.setenv(host_memory.HUGE_PAGES, "0")
+    promised, huge = run()
+    assert promised == "False"
+    if _thp_mode() == "madvise":
+        assert huge < 16 * MIB, huge
+
+
+def test_huge_pages_are_too_late_once_torch_is_imported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(host_memory.HUGE_PAGES, raising=False)
+    assert "torch" in sys.modules  # this test process imported it
+    assert host_memory.huge_pages_for_large_tensors() is False
+    assert host_memory.HUGE_PAGES not in __import__("os").environ
+
+
+ENTRY = """
+import os, runpy, sys
+sys.argv = ["cropi_pl", "--help"]
+try:
+    runpy.run_module("cropi_pl", run_name="__main__")
+except SystemExit:
+    pass
+print(os.environ.get("THP_MEM_ALLOC_ENABLE"))
+"""
+
+
+def test_the_entry_point_asks_for_huge_pages_before_importing_torch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Set at all means it ran before torch was imported (afterwards it sets nothing)."""
+    monkeypatch.delenv(host_memory.HUGE_PAGES, raising=False)
+    out = subprocess.run(
+        [sys.executable, "-c", ENTRY], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out[-1] == "1", out[-5:]
