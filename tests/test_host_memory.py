@@ -3,6 +3,7 @@ block, in fresh processes."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -127,7 +128,7 @@ def test_huge_pages_are_too_late_once_torch_is_imported(monkeypatch: pytest.Monk
     monkeypatch.delenv(host_memory.HUGE_PAGES, raising=False)
     assert "torch" in sys.modules  # this test process imported it
     assert host_memory.huge_pages_for_large_tensors() is False
-    assert host_memory.HUGE_PAGES not in __import__("os").environ
+    assert host_memory.HUGE_PAGES not in os.environ
 
 
 ENTRY = """

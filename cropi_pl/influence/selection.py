@@ -1,7 +1,8 @@
-"""Target gradients, cosine scores and the selectors of one curriculum stage (docs/method.md 5-6).
+"""Cosine scores and the selectors of one curriculum stage (docs/method.md 5-6).
 
 Influence selection scores each pool prompt by the cosine between its projected gradient and the
-mean projected gradient of each target (validation) set, then merges the per-set rankings. The
+mean projected gradient of each target (validation) set (``InfluenceScorer.project_mean``), then
+merges the per-set rankings. The
 baselines (random, pass rate, learnability, full data) sit behind the same ``Selector`` interface
 so the curriculum can swap them with one argument. Every ranking breaks ties by the lower pool
 index, so a selection is a pure function of its inputs and seed.
