@@ -139,6 +139,24 @@ def test_target_subset_keeps_non_zero_prompts_capped_by_seed() -> None:
         InfluenceScorer().target_subset([trajs[0], trajs[5]])
 
 
+def test_target_means_keep_the_loops_one_prompt_per_forward() -> None:
+    """ "loop" holds one prompt's activations at a time, target means included (8 SmolLM2 prompts
+    per forward, their logits over a 49k vocabulary, took the real-model config to 19 GB)."""
+    model, _, targets = _setup()
+    trajs = InfluenceScorer().target_subset(targets["a"])
+    rows: list[int] = []
+    handle = model.register_forward_pre_hook(lambda _, args: rows.append(args[0].shape[0]))
+    try:
+        for method, forwards in (("loop", len(trajs)), ("hooks", -(-len(trajs) // 2))):
+            rows.clear()
+            scorer = InfluenceScorer(prompts_per_batch=2, method=method)
+            scorer.project_mean(model, trajs, progress=False)
+            assert len(rows) == forwards, (method, rows)
+    finally:
+        handle.remove()
+    assert len(trajs) > 2  # so that the two methods differ
+
+
 def test_factorised_scores_equal_brute_force_kronecker_projection() -> None:
     """LoGra path: vec(P_out^T G P_in) of each selected linear layer's exact weight gradient G."""
     model, pool, targets = _setup()

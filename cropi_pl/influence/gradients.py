@@ -276,6 +276,11 @@ class POPIGradients:
                 hooked[module_name] = (module, owned)
         return hooked, unsupported
 
+    @property
+    def _prompts_per_forward(self) -> int:
+        """One for "loop" (it runs one backward per prompt anyway), else ``prompts_per_batch``."""
+        return 1 if self.method == "loop" else self.prompts_per_batch
+
     def compute_pieces(
         self, trajs: Sequence[PromptTrajectories]
     ) -> Iterator[tuple[list[int], str, int, Tensor]]:
@@ -287,8 +292,7 @@ class POPIGradients:
         most ``prompts_per_batch`` (one, for "loop") full gradients exist at a time.
         """
         with gradient_mode(self.model, self.config):
-            size = 1 if self.method == "loop" else self.prompts_per_batch
-            for indices in plan_batches(trajs, self._vocab_size, size):
+            for indices in plan_batches(trajs, self._vocab_size, self._prompts_per_forward):
                 grads = self._batch_grads([trajs[i] for i in indices])
                 for name in self.param_names:
                     piece = grads.pop(name).reshape(len(indices), -1).float()
@@ -298,12 +302,13 @@ class POPIGradients:
         self, trajs: Sequence[PromptTrajectories]
     ) -> Iterator[tuple[list[int], str, int, Tensor]]:
         """Like ``compute_pieces`` but each batch's gradients summed over its prompts, (1, numel):
-        one ordinary forward/backward of the summed per-prompt losses per batch of
-        ``prompts_per_batch`` prompts, whatever the method, and no per-prompt gradient. A mean
-        of projected gradients is the projection of this sum (projections are linear)."""
+        one ordinary forward/backward of the summed per-prompt losses per batch (of one prompt
+        for "loop", whose memory is one prompt's activations, else ``prompts_per_batch``) and no
+        per-prompt gradient, whatever the method. A mean of projected gradients is the projection
+        of this sum (projections are linear)."""
         params, device = list(self._params.values()), self._device()
         with gradient_mode(self.model, self.config):
-            for indices in plan_batches(trajs, self._vocab_size, self.prompts_per_batch):
+            for indices in plan_batches(trajs, self._vocab_size, self._prompts_per_forward):
                 block = collate([trajs[i] for i in indices], device, self.config.deduplicate)
                 logits, _ = block_logits(self.model, block, self.config)
                 loss = batch_loss(logits, block, prompt_rows(block), self.config)
