@@ -2,10 +2,9 @@
 
 Influence selection scores each pool prompt by the cosine between its projected gradient and the
 mean projected gradient of each target (validation) set (``InfluenceScorer.project_mean``), then
-merges the per-set rankings. The
-baselines (random, pass rate, learnability, full data) sit behind the same ``Selector`` interface
-so the curriculum can swap them with one argument. Every ranking breaks ties by the lower pool
-index, so a selection is a pure function of its inputs and seed.
+merges the per-set rankings. The baselines (random, pass rate, learnability, full data) sit behind
+the same ``Selector`` interface so the curriculum can swap them with one argument. Every ranking
+breaks ties by the lower pool index, so a selection is a pure function of its inputs and seed.
 """
 
 from __future__ import annotations
