@@ -208,12 +208,18 @@ def test_selection_section_runs_the_config(tmp_path):
     ]  # fmt: skip
     assert bench.main(argv) == 0
     section = json.loads(out.read_text())["selection"]
-    assert section["train_steps_timed"] == 2 and section["train_step_seconds"] > 0
+    steps = section["each_train_step_seconds"]
+    assert section["train_steps_timed"] == len(steps) == 3 and min(steps) > 0  # steps 0-2
+    assert section["train_step_seconds"] == pytest.approx(sum(steps) / 3)  # the mean
+    assert section["median_train_step_seconds"] == pytest.approx(sorted(steps)[1])
     assert section["host_memory_kept"] is True  # glibc: the bench runs what the CLI runs
     passes = section["fit_pass_seconds"]
     assert len(passes) == 2 and min(passes) > 0  # stages start at steps 0 and 2
     assert section["step_equivalents"] == pytest.approx(
         sum(passes) / 2 / section["train_step_seconds"]
+    )
+    assert section["step_equivalents_vs_median_step"] == pytest.approx(
+        sum(passes) / 2 / section["median_train_step_seconds"]
     )
     assert section["first_pass_step_equivalents"] == pytest.approx(
         passes[0] / section["train_step_seconds"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -151,3 +152,23 @@ def test_the_entry_point_asks_for_huge_pages_before_importing_torch(
         [sys.executable, "-c", ENTRY], capture_output=True, text=True, check=True
     ).stdout.split()
     assert out[-1] == "1", out[-5:]
+
+
+BENCH = """
+import os, sys
+sys.path.insert(0, "tools")
+import bench_influence
+print(os.environ.get("THP_MEM_ALLOC_ENABLE"), bench_influence.HUGE_PAGES)
+"""
+
+
+def test_the_influence_bench_asks_for_huge_pages_as_the_cli_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """tools/bench_influence.py measures what a fit runs: it asks before importing torch."""
+    monkeypatch.delenv(host_memory.HUGE_PAGES, raising=False)
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", BENCH], capture_output=True, text=True, check=True, cwd=root
+    ).stdout.split()
+    assert out[-2:] == ["1", "True"], out[-5:]
