@@ -705,12 +705,12 @@ def selection_section(config: BenchConfig) -> dict[str, Any]:
     that many steps + 1). Its ``selections/stage-*.metrics.json`` give each pass's seconds
     (``influence_seconds``: stage 0's selection seconds also hold the first trajectory
     collection) and its TensorBoard step times the step: the mean of every step, as the pass's
-    mean includes its first, so the ratio is total pass time over total step time per step. The
-    step times are bimodal on this VM (about 0.6 and 1.1 s), which makes a median jump between
-    the modes; it is reported beside the mean. The first pass of a process also pays one-time
-    costs, so it is reported beside the mean. The options
-    then score the same cached trajectories with the initial policy (what stage 0 scored), timed,
-    and are compared per target with exact cosines by precision@10% (``agreement``). The FLOP
+    mean includes its first, so the ratio is total pass time over total step time per step. Step
+    times are bimodal (a batch whose longest completion runs to the long worked solutions takes
+    about twice as long), so the median sits in one mode; it is reported beside the mean, as is
+    the first pass, which pays the process's one-time costs. The options then score the same
+    cached trajectories with the initial policy (what stage 0 scored), timed, and are compared
+    per target with exact cosines by precision@10% (``agreement``). The FLOP
     floor is the pass's forward and backward FLOPs (:func:`pass_flops`) at the machine's GEMM
     peak, in steps: what no implementation of the full-model exact pass gets much below (it
     counts each prompt's padded block of distinct responses and leaves attention out)."""
