@@ -149,7 +149,7 @@ class SparseProjector:
         ]
         self._block_kept = [cumulative[b + 1] - cumulative[b] for b in range(self.num_blocks)]
         self._kept_cache: dict[int, torch.Tensor] = {}
-        self._bucket_cache: dict[int, torch.Tensor] = {}
+        self._column_cache: dict[int, torch.Tensor] = {}
 
     @property
     def num_kept(self) -> int:
@@ -187,12 +187,12 @@ class SparseProjector:
         """CountSketch map of ``block``'s kept coordinates (int32, cached): the column of the
         ``(P, 2k)`` accumulator each one is added to, its bucket for a +1 entry and ``k`` + its
         bucket for a -1 entry, so one int32 per kept coordinate holds both."""
-        if block not in self._bucket_cache:
+        if block not in self._column_cache:
             cfg = self.config
             gen = torch.Generator().manual_seed(derive_seed("countsketch", cfg.seed, block))
             draw = torch.randint(0, 2 * cfg.dim, (self._block_kept[block],), generator=gen)
-            self._bucket_cache[block] = draw.to(torch.int32)
-        return self._bucket_cache[block]
+            self._column_cache[block] = draw.to(torch.int32)
+        return self._column_cache[block]
 
     def begin(self, rows: int, device: torch.device | str | None = None) -> ProjectionState:
         """Start projecting ``rows`` gradients that will be fed piece by piece with ``add``."""
