@@ -706,8 +706,8 @@ def selection_section(config: BenchConfig) -> dict[str, Any]:
     (``influence_seconds``: stage 0's selection seconds also hold the first trajectory
     collection) and its TensorBoard step times the step: the mean of every step, as the pass's
     mean includes its first, so the ratio is total pass time over total step time per step. Step
-    times are bimodal (a batch whose longest completion runs to the long worked solutions takes
-    about twice as long), so the median sits in one mode; it is reported beside the mean, as is
+    times are bimodal (a long prompt with a long completion pads the whole batch to about twice
+    its usual width), so the median sits in one mode; it is reported beside the mean, as is
     the first pass, which pays the process's one-time costs. The options then score the same
     cached trajectories with the initial policy (what stage 0 scored), timed, and are compared
     per target with exact cosines by precision@10% (``agreement``). The FLOP
