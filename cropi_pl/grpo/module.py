@@ -127,6 +127,8 @@ class GRPOModule(L.LightningModule):
         entropy_coef: entropy bonus weight.
         num_iterations: optimizer steps per rollout (mu in the GRPO paper).
         micro_batch_size: sequences per forward/backward (memory knob; does not change the math).
+            With several micro-batches per rollout, rows go in order of length, so each is
+            trimmed to its own longest row (less padding).
         mask_truncated_completions: drop completions that hit the length budget from the loss.
         max_grad_norm: gradient clipping by global norm; ``None`` disables.
         rewards: reward functions (default: exact numeric match): ``RewardFunction`` subclasses by
@@ -442,12 +444,10 @@ class GRPOModule(L.LightningModule):
     @torch.no_grad()
     def _frozen_logps(self, model: nn.Module | None, packed: PackedBatch) -> Tensor:
         assert model is not None
-        mb = self.hparams.micro_batch_size
         out = torch.zeros_like(packed.mask)
-        for start in range(0, packed.mask.shape[0], mb):
-            part = packed.rows(slice(start, start + mb))
-            logp, _ = token_logps(model, part)
-            out[start : start + mb, : logp.shape[1]] = logp.float().cpu()
+        for rows in packed.micro_batches(self.hparams.micro_batch_size):
+            logp, _ = token_logps(model, packed.rows(rows))
+            out[rows, : logp.shape[1]] = logp.float().cpu()
         return out
 
     def _optimizer_step(
@@ -469,8 +469,7 @@ class GRPOModule(L.LightningModule):
         optimizer.zero_grad(set_to_none=True)
         num_sequences, num_tokens = counts
         totals: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
-        for start in range(0, packed.mask.shape[0], hp.micro_batch_size):
-            rows = slice(start, start + hp.micro_batch_size)
+        for rows in packed.micro_batches(hp.micro_batch_size):
             part = packed.rows(rows)
             width = part.mask.shape[1]
             entropy_mode = "grad" if hp.entropy_coef else "detached"

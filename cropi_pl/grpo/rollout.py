@@ -19,11 +19,24 @@ class PackedBatch:
     input_ids: Tensor
     mask: Tensor
 
-    def rows(self, index: slice) -> PackedBatch:
-        """A micro-batch, trimmed to its longest real sequence to save compute."""
+    def rows(self, index: slice | Tensor) -> PackedBatch:
+        """A micro-batch (a slice or a tensor of row indices), trimmed to its longest real
+        sequence to save compute."""
         mask = self.mask[index]
         width = int(mask.any(0).nonzero().max()) + 2 if mask.any() else 2
         return PackedBatch(self.input_ids[index, :width], mask[:, : width - 1])
+
+    def micro_batches(self, size: int) -> list[Tensor]:
+        """Row indices of micro-batches of at most ``size`` rows. With more than one, rows go in
+        order of their real length (prompt + completion), so each micro-batch, trimmed to its own
+        longest row, pads little: one long prompt with a long completion no longer pads every
+        row to its width. A batch that fits in one micro-batch keeps its order (same sums)."""
+        count = self.mask.shape[0]
+        if size >= count:
+            return [torch.arange(count)]
+        positions = torch.arange(1, self.mask.shape[1] + 1)
+        ends = (self.mask.bool() * positions).amax(dim=1)  # last completion target, 0 if none
+        return list(torch.argsort(ends, stable=True).split(size))
 
 
 def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> PackedBatch:
