@@ -278,6 +278,10 @@ def test_segment_outer_sums_each_prompts_outer_products(sizes: list[int]) -> Non
         start += n
     assert got.shape == (len(sizes), 4, 3)
     torch.testing.assert_close(got, torch.stack(expected), rtol=1e-5, atol=1e-6)
+    start = torch.randn(len(sizes), 4, 3, generator=gen)  # a second call adds in place
+    into = start.clone()
+    assert segment_outer(g, x, sizes, into) is into
+    torch.testing.assert_close(into, start + torch.stack(expected), rtol=1e-5, atol=1e-6)
 
 
 def test_param_filter_restricts_layout() -> None:

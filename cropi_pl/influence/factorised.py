@@ -98,6 +98,6 @@ class FactorisedProjection:
             piece = p_in.new_zeros(p, p_out.shape[1], p_in.shape[1])
             for x, g, forward in hooked.calls[name]:  # a layer called several times adds each
                 sizes = hooked.sizes[forward]
-                piece += segment_outer(g.float() @ p_out, x.float() @ p_in, sizes)
+                segment_outer(g.float() @ p_out, x.float() @ p_in, sizes, piece)
             pieces.append(piece.reshape(p, -1))
         return torch.cat(pieces, dim=1)

@@ -97,10 +97,11 @@ def hooked_backward(
     return HookedCalls(calls, sizes)
 
 
-# A rule turns one call's (input, output gradient) of (R, T, ...) rows, prompt j owning the next
-# sizes[j] of the R*T token rows, into per-prompt gradients (p, *shape) of the module's own
-# parameters, keyed by attribute name.
-_Rule = Callable[[nn.Module, Tensor, Tensor, list[int]], dict[str, Tensor]]
+# A rule adds one call's (input, output gradient) of (R, T, ...) rows, prompt j owning the next
+# sizes[j] of the R*T token rows, to the per-prompt gradients (p, *shape) of the module's own
+# parameters in ``into`` (keyed by attribute name, created by the module's first call): a module
+# called several times (a prompt forward and a completion forward) sums in place.
+_Rule = Callable[[nn.Module, Tensor, Tensor, list[int], dict[str, Tensor]], None]
 
 
 def _summable(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
@@ -114,20 +115,23 @@ def _summable(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     return x.float(), g.float()
 
 
-def segment_outer(g: Tensor, x: Tensor, sizes: list[int]) -> Tensor:
-    """(p, m, n): sum over each prompt's token rows of outer(g_t, x_t), from (..., m) and
-    (..., n) rows that prompts own ``sizes`` at a time: one batched matmul per run of equal
-    consecutive sizes (``plan_batches`` puts a batch's prompts of equal size side by side)."""
+def segment_outer(g: Tensor, x: Tensor, sizes: list[int], out: Tensor | None = None) -> Tensor:
+    """``out`` (p, m, n; zeros if None) plus, per prompt, the sum over its token rows of
+    outer(g_t, x_t), from (..., m) and (..., n) rows that prompts own ``sizes`` at a time: one
+    batched matmul per run of equal consecutive sizes (``plan_batches`` puts a batch's prompts of
+    equal size side by side), added in place (no per-run pieces to concatenate)."""
     g, x = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
-    pieces, start = [], 0
+    if out is None:
+        out = g.new_zeros(len(sizes), g.shape[-1], x.shape[-1])
+    start, first = 0, 0
     for size, run in itertools.groupby(sizes):
         n = len(list(run))
         rows = slice(start, start + n * size)
-        pieces.append(
-            torch.bmm(g[rows].reshape(n, size, -1).transpose(1, 2), x[rows].reshape(n, size, -1))
+        out[first : first + n].baddbmm_(
+            g[rows].reshape(n, size, -1).transpose(1, 2), x[rows].reshape(n, size, -1)
         )
-        start += n * size
-    return torch.cat(pieces)
+        start, first = start + n * size, first + n
+    return out
 
 
 def _owners(sizes: list[int], device: torch.device) -> Tensor:
@@ -136,25 +140,28 @@ def _owners(sizes: list[int], device: torch.device) -> Tensor:
     return torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)
 
 
-def _segment_sum(values: Tensor, sizes: list[int]) -> Tensor:
-    """(p, n) float32 sums of each prompt's token rows of (..., n) ``values``."""
+def _segment_sum(values: Tensor, sizes: list[int], out: Tensor | None = None) -> Tensor:
+    """``out`` (p, n) float32 (zeros if None) plus each prompt's sum of its token rows of
+    (..., n) ``values``."""
     values = values.float().reshape(-1, values.shape[-1])
-    out = values.new_zeros(len(sizes), values.shape[-1])
+    if out is None:
+        out = values.new_zeros(len(sizes), values.shape[-1])
     return out.index_add_(0, _owners(sizes, values.device), values)
 
 
-def _linear_rule(module: nn.Module, x: Tensor, g: Tensor, sizes: list[int]) -> dict[str, Tensor]:
+def _linear_rule(
+    module: nn.Module, x: Tensor, g: Tensor, sizes: list[int], into: dict[str, Tensor]
+) -> None:
     """y = x W^T + b: dW = sum over the prompt's tokens of g x^T, db = sum of g."""
     x, g = _summable(x, g)
-    out = {"weight": segment_outer(g, x, sizes)}
+    into["weight"] = segment_outer(g, x, sizes, into.get("weight"))
     if module.bias is not None:
-        out["bias"] = _segment_sum(g, sizes)
-    return out
+        into["bias"] = _segment_sum(g, sizes, into.get("bias"))
 
 
 def _embedding_rule(
-    module: nn.Module, ids: Tensor, g: Tensor, sizes: list[int]
-) -> dict[str, Tensor]:
+    module: nn.Module, ids: Tensor, g: Tensor, sizes: list[int], into: dict[str, Tensor]
+) -> None:
     """Row v of the table gets the sum of g over the prompt's tokens equal to v, except the
     padding row, which ``nn.Embedding`` never updates."""
     vocab, width = module.weight.shape
@@ -164,15 +171,18 @@ def _embedding_rule(
     if module.padding_idx is not None:
         keep = ids != module.padding_idx
         index, g = index[keep], g[keep]
-    table = g.new_zeros(len(sizes) * vocab, width).index_add_(0, index, g)
-    return {"weight": table.reshape(len(sizes), vocab, width)}
+    if "weight" not in into:
+        into["weight"] = g.new_zeros(len(sizes), vocab, width)
+    into["weight"].view(-1, width).index_add_(0, index, g)
 
 
-def _rms_norm_rule(module: nn.Module, x: Tensor, g: Tensor, sizes: list[int]) -> dict[str, Tensor]:
+def _rms_norm_rule(
+    module: nn.Module, x: Tensor, g: Tensor, sizes: list[int], into: dict[str, Tensor]
+) -> None:
     """HF Llama-family RMSNorm, y = w * (x / rms(x)) computed in float32: dw = sum of g * x/rms."""
     x32 = x.float()
     normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
-    return {"weight": _segment_sum(g.float() * normed, sizes)}
+    into["weight"] = _segment_sum(g.float() * normed, sizes, into.get("weight"))
 
 
 def _rule(module: nn.Module) -> _Rule | None:
@@ -407,12 +417,13 @@ class POPIGradients:
         p = len(hooked.sizes[0])
         grads: dict[str, Tensor] = {}
         for module_name, (module, owned) in self._hooked.items():
-            rule = _rule(module)
+            rule, pieces = _rule(module), {}
             for x, g, forward in hooked.calls[module_name]:
-                for attr, piece in rule(module, x, g, hooked.sizes[forward]).items():
-                    if attr in owned:
-                        name = owned[attr]
-                        grads[name] = grads[name] + piece if name in grads else piece
+                rule(module, x, g, hooked.sizes[forward], pieces)
+            for attr, piece in pieces.items():
+                if attr in owned:  # a tied weight: the sum over every module that owns it
+                    name = owned[attr]
+                    grads[name] = grads[name] + piece if name in grads else piece
         for name, param in self._params.items():  # its module never ran: zero gradient
             if name not in grads:
                 grads[name] = param.new_zeros(p, *param.shape)

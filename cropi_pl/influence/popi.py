@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from cropi_pl.grpo.advantages import group_advantages
 from cropi_pl.grpo.losses import selective_log_softmax
 from cropi_pl.influence.trajectories import PromptTrajectories, zero_mask
-from cropi_pl.kv_cache import cache_keyword
+from cropi_pl.kv_cache import cache_keyword, cache_rows
 
 RatioMode = Literal["none", "clip", "truncate"]
 _RATIO_MODES = ("none", "clip", "truncate")
@@ -400,8 +400,7 @@ def shared_prompt_logits(model: nn.Module, shared: SharedPrompts) -> Tensor:
     prompt, summed over its rows."""
     keyword = cache_keyword(model)
     prompts = model(shared.prompt_ids, use_cache=True)
-    cache = getattr(prompts, keyword)
-    cache.batch_select_indices(shared.owner)
+    cache = cache_rows(getattr(prompts, keyword), shared.owner)
     completions = model(
         shared.completion_ids,
         attention_mask=shared.attention_mask,
