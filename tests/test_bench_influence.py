@@ -204,10 +204,21 @@ def test_selection_section_runs_the_config(tmp_path):
     config = Path(__file__).parent / "configs" / "cropi_test.yaml"
     argv = [
         "--sections", "selection", "--selection-config", str(config), "--train-steps", "2",
-        "--threads", "1", "--out", str(out),
+        "--threads", "1", "--out", str(out), "--lean-micro-batch-size", "3",
     ]  # fmt: skip
     assert bench.main(argv) == 0
-    section = json.loads(out.read_text())["selection"]
+    result = json.loads(out.read_text())
+    section = result["selection"]
+    lean = section["lean_fit_pass_seconds"]
+    assert section["lean_micro_batch_size"] == 3 and len(lean) == 2 and min(lean) > 0
+    assert section["step_equivalents_vs_lean_step"] == pytest.approx(
+        sum(lean) / 2 / section["lean_train_step_seconds"]
+    )
+    assert (
+        result["selection_pass_step_equivalents_vs_lean_step"]
+        == (section["step_equivalents_vs_lean_step"])
+    )
+    assert section["lean_median_train_step_seconds"] > 0
     steps = section["each_train_step_seconds"]
     assert section["train_steps_timed"] == len(steps) == 3 and min(steps) > 0  # steps 0-2
     assert section["train_step_seconds"] == pytest.approx(sum(steps) / 3)  # the mean

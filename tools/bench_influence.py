@@ -136,6 +136,7 @@ class BenchConfig:
     train_steps: int = 0  # selection fit: 0 runs the config's schedule, n runs n + 1 steps
     selection_config: str = "configs/cropi_tiny.yaml"
     selection_overrides: tuple[str, ...] = ()  # --key=value CLI arguments, comma-separated
+    lean_micro_batch_size: int = 32  # a second fit's GRPO micro-batch rows; 0 skips that fit
     threads: int = 2
     seed: int = 0
     smol_max_eligible: int = 120
@@ -708,7 +709,10 @@ def selection_section(config: BenchConfig) -> dict[str, Any]:
     mean includes its first, so the ratio is total pass time over total step time per step. Step
     times are bimodal (a long prompt with a long completion pads the whole batch to about twice
     its usual width), so the median sits in one mode; it is reported beside the mean, as is
-    the first pass, which pays the process's one-time costs. The options then score the same
+    the first pass, which pays the process's one-time costs. A second fit, first, with GRPO
+    micro-batches of ``lean_micro_batch_size`` rows (length-sorted, each trimmed to its own
+    longest row, so one long row no longer pads them all) prices its own passes in its leaner
+    steps (``step_equivalents_vs_lean_step``). The options then score the same
     cached trajectories with the initial policy (what stage 0 scored), timed, and are compared
     per target with exact cosines by precision@10% (``agreement``). The FLOP
     floor is the pass's forward and backward FLOPs (:func:`pass_flops`) at the machine's GEMM
@@ -719,21 +723,38 @@ def selection_section(config: BenchConfig) -> dict[str, Any]:
     from cropi_pl.cli import main as cli_main
     from cropi_pl.curriculum.callback import CurriculumCallback
 
-    with tempfile.TemporaryDirectory() as tmp:
+    def fit(root: str, *extra: str) -> tuple[list[dict[str, float]], dict[int, float], list[str]]:
+        """The config's fit under ``root``: each stage's metrics, each step's seconds, its args."""
         args = [
-            "--config", config.selection_config, "--trainer.default_root_dir", tmp,
-            *config.selection_overrides,
+            "--config", config.selection_config, "--trainer.default_root_dir", root,
+            *config.selection_overrides, *extra,
         ]  # fmt: skip
         if config.train_steps:
             args += ["--trainer.max_steps", str(config.train_steps + 1)]
         cli_main(["fit", *args])
-        run = Path(tmp)
         metrics = [
             json.loads(path.read_text())
-            for path in sorted((run / "selections").glob("stage-*.metrics.json"))
+            for path in sorted((Path(root) / "selections").glob("stage-*.metrics.json"))
         ]
+        return metrics, step_seconds(scalars(Path(root))), args
+
+    lean: dict[str, Any] = {}
+    if config.lean_micro_batch_size:
+        with tempfile.TemporaryDirectory() as tmp:
+            size = str(config.lean_micro_batch_size)
+            lean_metrics, lean_steps, _ = fit(tmp, "--model.init_args.micro_batch_size", size)
+        lean_passes = [m["curriculum/influence_seconds"] for m in lean_metrics]
+        lean_step_s = statistics.mean(lean_steps.values())
+        lean = {
+            "lean_micro_batch_size": config.lean_micro_batch_size,
+            "lean_fit_pass_seconds": lean_passes,
+            "lean_train_step_seconds": lean_step_s,
+            "lean_median_train_step_seconds": statistics.median(lean_steps.values()),
+            "step_equivalents_vs_lean_step": statistics.mean(lean_passes) / lean_step_s,
+        }
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics, per_step, args = fit(tmp)
         passes = [m["curriculum/influence_seconds"] for m in metrics]
-        per_step = step_seconds(scalars(run))
         step_s = statistics.mean(per_step.values())
         median_step_s = statistics.median(per_step.values())
         cli = cli_main(args, run=False)
@@ -782,6 +803,7 @@ def selection_section(config: BenchConfig) -> dict[str, Any]:
         "gemm_peak_flops": peak,
         "gemm_peak_dtype": str(dtype).removeprefix("torch."),  # the config's pass runs in it
         "flop_floor_step_equivalents": flops / peak / step_s,
+        **lean,
         "options": measured_options,
     }
 
@@ -1055,6 +1077,9 @@ def summarize(result: dict[str, Any], config: BenchConfig) -> dict[str, Any]:
         result["fastest_at_precision_target"] = embedded["fastest_at_precision_target"]
     if "selection" in result:
         result["selection_pass_step_equivalents"] = result["selection"].get("step_equivalents")
+        result["selection_pass_step_equivalents_vs_lean_step"] = result["selection"].get(
+            "step_equivalents_vs_lean_step"
+        )
     if "smollm2" in result:
         result["smollm2"]["precision_at_10pct"] = result["smollm2"]["rows"]["default"][
             "precision_at_10pct"
