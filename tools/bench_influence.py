@@ -64,6 +64,7 @@ import os
 import random
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -717,43 +718,32 @@ def selection_section(config: BenchConfig) -> dict[str, Any]:
     per target with exact cosines by precision@10% (``agreement``). The FLOP
     floor is the pass's forward and backward FLOPs (:func:`pass_flops`) at the machine's GEMM
     peak, in steps: what no implementation of the full-model exact pass gets much below (it
-    counts each prompt's padded block of distinct responses and leaves attention out)."""
+    counts each prompt's padded block of distinct responses and leaves attention out). Last, the
+    main command with GRPO micro-batches of ``lean_micro_batch_size`` rows (length-sorted, each
+    trimmed to its own longest row, so one long row no longer pads them all) runs in a fresh
+    process, and its passes are priced in its own, leaner steps
+    (``step_equivalents_vs_lean_step``)."""
     from reproduce_acceleration import scalars, step_seconds
 
     from cropi_pl.cli import main as cli_main
     from cropi_pl.curriculum.callback import CurriculumCallback
 
-    def fit(root: str, *extra: str) -> tuple[list[dict[str, float]], dict[int, float], list[str]]:
-        """The config's fit under ``root``: each stage's metrics, each step's seconds, its args."""
-        args = [
-            "--config", config.selection_config, "--trainer.default_root_dir", root,
-            *config.selection_overrides, *extra,
-        ]  # fmt: skip
-        if config.train_steps:
-            args += ["--trainer.max_steps", str(config.train_steps + 1)]
-        cli_main(["fit", *args])
+    base = ["--config", config.selection_config, *config.selection_overrides]
+    if config.train_steps:
+        base += ["--trainer.max_steps", str(config.train_steps + 1)]
+
+    def timings(root: Path) -> tuple[list[dict[str, float]], dict[int, float]]:
+        """Each stage's metrics and each step's seconds of the fit under ``root``."""
         metrics = [
             json.loads(path.read_text())
-            for path in sorted((Path(root) / "selections").glob("stage-*.metrics.json"))
+            for path in sorted((root / "selections").glob("stage-*.metrics.json"))
         ]
-        return metrics, step_seconds(scalars(Path(root))), args
+        return metrics, step_seconds(scalars(root))
 
-    lean: dict[str, Any] = {}
-    if config.lean_micro_batch_size:
-        with tempfile.TemporaryDirectory() as tmp:
-            size = str(config.lean_micro_batch_size)
-            lean_metrics, lean_steps, _ = fit(tmp, "--model.init_args.micro_batch_size", size)
-        lean_passes = [m["curriculum/influence_seconds"] for m in lean_metrics]
-        lean_step_s = statistics.mean(lean_steps.values())
-        lean = {
-            "lean_micro_batch_size": config.lean_micro_batch_size,
-            "lean_fit_pass_seconds": lean_passes,
-            "lean_train_step_seconds": lean_step_s,
-            "lean_median_train_step_seconds": statistics.median(lean_steps.values()),
-            "step_equivalents_vs_lean_step": statistics.mean(lean_passes) / lean_step_s,
-        }
     with tempfile.TemporaryDirectory() as tmp:
-        metrics, per_step, args = fit(tmp)
+        args = [*base, "--trainer.default_root_dir", tmp]
+        cli_main(["fit", *args])
+        metrics, per_step = timings(Path(tmp))
         passes = [m["curriculum/influence_seconds"] for m in metrics]
         step_s = statistics.mean(per_step.values())
         median_step_s = statistics.median(per_step.values())
@@ -783,6 +773,28 @@ def selection_section(config: BenchConfig) -> dict[str, Any]:
             "agreement_precision_at_10pct": {
                 t: precision_at(result.scores[t][rows].double(), exact[t]) for t in targets
             },
+        }
+    lean: dict[str, Any] = {}
+    if config.lean_micro_batch_size:  # a fresh process: it pays its own first pass
+        with tempfile.TemporaryDirectory() as tmp:
+            size = str(config.lean_micro_batch_size)
+            command = [sys.executable, "-m", "cropi_pl", "fit", *base]
+            command += [
+                "--trainer.default_root_dir",
+                tmp,
+                "--model.init_args.micro_batch_size",
+                size,
+            ]
+            subprocess.run(command, check=True)
+            lean_metrics, lean_steps = timings(Path(tmp))
+        lean_passes = [m["curriculum/influence_seconds"] for m in lean_metrics]
+        lean_step_s = statistics.mean(lean_steps.values())
+        lean = {
+            "lean_micro_batch_size": config.lean_micro_batch_size,
+            "lean_fit_pass_seconds": lean_passes,
+            "lean_train_step_seconds": lean_step_s,
+            "lean_median_train_step_seconds": statistics.median(lean_steps.values()),
+            "step_equivalents_vs_lean_step": statistics.mean(lean_passes) / lean_step_s,
         }
     return {
         "config_file": config.selection_config,
