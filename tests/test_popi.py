@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import statistics
 import warnings
@@ -282,6 +283,25 @@ def test_segment_outer_sums_each_prompts_outer_products(sizes: list[int]) -> Non
     into = start.clone()
     assert segment_outer(g, x, sizes, into) is into
     torch.testing.assert_close(into, start + torch.stack(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_plan_batches_cover_eligible_prompts_longest_batch_first() -> None:
+    """Every prompt with mixed rewards once, in batches of similar length, the longest first
+    (later batches reuse its memory); within a batch, by number of distinct responses."""
+    trajs = random_trajs(popi_llama(50), n=14, seed=51)
+    batches = popi.plan_batches(trajs, VOCAB, 4)
+
+    def length(i: int) -> int:
+        return len(trajs[i].prompt_ids) + max(map(len, trajs[i].completion_ids))
+
+    eligible = [i for i, z in enumerate(zero_mask(trajs)) if not z]
+    assert sorted(i for b in batches for i in b) == eligible and len(batches) > 2
+    assert [len(b) for b in batches[1:]] == [4] * (len(batches) - 1)  # the remainder is first
+    for longer, shorter in itertools.pairwise(batches):
+        assert min(map(length, longer)) >= max(map(length, shorter))
+    for b in batches:
+        counts = [len(popi.distinct_responses(trajs[i])) for i in b]
+        assert counts == sorted(counts)
 
 
 def test_param_filter_restricts_layout() -> None:
