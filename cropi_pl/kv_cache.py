@@ -21,11 +21,14 @@ def cache_keyword(model: nn.Module) -> str:
 
 def cache_rows(cache: DynamicCache, index: Tensor) -> DynamicCache:
     """A new cache holding rows ``index`` (repeats allowed) of every layer of ``cache``, which is
-    left as it is (several row sets can continue one prompt forward). ``index_select``: its
-    backward is a scatter-add, on CPU 8-17x faster than the ``index_put`` behind the advanced
-    indexing of ``Cache.batch_select_indices``. A sliding-window layer stays one."""
+    left as it is. ``index_select``: its backward is a scatter-add, on CPU 8-17x faster than the
+    ``index_put`` behind the advanced indexing of ``Cache.batch_select_indices``. A
+    sliding-window layer stays one."""
     if not isinstance(cache, DynamicCache):
-        raise TypeError(f"expected a transformers DynamicCache, got {type(cache).__name__}")
+        raise TypeError(
+            f"expected a transformers DynamicCache, got {type(cache).__name__}: a model with "
+            "another cache cannot share its prompts' cache (set share_prompt_cache: false)"
+        )
     layers = []
     for keys, values, *window in cache:
         rows = (keys.index_select(0, index), values.index_select(0, index))
