@@ -214,10 +214,8 @@ def test_selection_section_runs_the_config(tmp_path):
     assert section["step_equivalents_vs_lean_step"] == pytest.approx(
         sum(lean) / 2 / section["lean_train_step_seconds"]
     )
-    assert (
-        result["selection_pass_step_equivalents_vs_lean_step"]
-        == (section["step_equivalents_vs_lean_step"])
-    )
+    top = result["selection_pass_step_equivalents_vs_lean_step"]
+    assert top == section["step_equivalents_vs_lean_step"]
     assert section["lean_median_train_step_seconds"] > 0
     steps = section["each_train_step_seconds"]
     assert section["train_steps_timed"] == len(steps) == 3 and min(steps) > 0  # steps 0-2

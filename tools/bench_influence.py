@@ -32,7 +32,9 @@ main command: the step-by-step testbed and its warm-started policy), its whole s
 priced in the run's mean training step (every step: the ratio of total pass time to total step
 time, as wall-clock accounting charges them; the median step is reported beside it). Cheaper
 variants of the config's scorer then score the same cached trajectories with the same policy,
-each timed and compared with exact scores (agreement = precision@10% per target).
+each timed and compared with exact scores (agreement = precision@10% per target). Last, the main
+command runs again in a fresh process with ``--lean-micro-batch-size`` GRPO micro-batches (no
+padding from one long row) and its passes are priced in its own, leaner steps.
 
 SmolLM2 section. One forward/backward per eligible prompt through hooks (``hooked_backward``)
 yields, from the same captured layer inputs and output gradients, the exact full gradient
@@ -710,10 +712,7 @@ def selection_section(config: BenchConfig) -> dict[str, Any]:
     mean includes its first, so the ratio is total pass time over total step time per step. Step
     times are bimodal (a long prompt with a long completion pads the whole batch to about twice
     its usual width), so the median sits in one mode; it is reported beside the mean, as is
-    the first pass, which pays the process's one-time costs. A second fit, first, with GRPO
-    micro-batches of ``lean_micro_batch_size`` rows (length-sorted, each trimmed to its own
-    longest row, so one long row no longer pads them all) prices its own passes in its leaner
-    steps (``step_equivalents_vs_lean_step``). The options then score the same
+    the first pass, which pays the process's one-time costs. The options then score the same
     cached trajectories with the initial policy (what stage 0 scored), timed, and are compared
     per target with exact cosines by precision@10% (``agreement``). The FLOP
     floor is the pass's forward and backward FLOPs (:func:`pass_flops`) at the machine's GEMM
@@ -732,19 +731,20 @@ def selection_section(config: BenchConfig) -> dict[str, Any]:
     if config.train_steps:
         base += ["--trainer.max_steps", str(config.train_steps + 1)]
 
-    def timings(root: Path) -> tuple[list[dict[str, float]], dict[int, float]]:
-        """Each stage's metrics and each step's seconds of the fit under ``root``."""
+    def timings(root: Path) -> tuple[list[dict[str, float]], list[float], dict[int, float]]:
+        """Each stage's metrics, each pass's seconds and each step's seconds of the fit under
+        ``root``."""
         metrics = [
             json.loads(path.read_text())
             for path in sorted((root / "selections").glob("stage-*.metrics.json"))
         ]
-        return metrics, step_seconds(scalars(root))
+        passes = [m["curriculum/influence_seconds"] for m in metrics]
+        return metrics, passes, step_seconds(scalars(root))
 
     with tempfile.TemporaryDirectory() as tmp:
         args = [*base, "--trainer.default_root_dir", tmp]
         cli_main(["fit", *args])
-        metrics, per_step = timings(Path(tmp))
-        passes = [m["curriculum/influence_seconds"] for m in metrics]
+        metrics, passes, per_step = timings(Path(tmp))
         step_s = statistics.mean(per_step.values())
         median_step_s = statistics.median(per_step.values())
         cli = cli_main(args, run=False)
@@ -786,8 +786,7 @@ def selection_section(config: BenchConfig) -> dict[str, Any]:
                 size,
             ]
             subprocess.run(command, check=True)
-            lean_metrics, lean_steps = timings(Path(tmp))
-        lean_passes = [m["curriculum/influence_seconds"] for m in lean_metrics]
+            _, lean_passes, lean_steps = timings(Path(tmp))
         lean_step_s = statistics.mean(lean_steps.values())
         lean = {
             "lean_micro_batch_size": config.lean_micro_batch_size,
