@@ -182,7 +182,12 @@ def test_tiny_end_to_end_run(tmp_path):
     assert roofline["fraction_of_model_shape_gemm"] == pytest.approx(
         roofline["achieved_flops"] / roofline["model_shape_gemm_flops"]
     )
-    names = [r["name"] for r in result["embedded"]["rows"]]
+    rows = {r["name"]: r for r in result["embedded"]["rows"]}
+    hooks_seconds = rows[bench.HOOKS.format(k=16)]["extra"]["seconds"]
+    assert roofline["hooks_fraction_of_peak"] == pytest.approx(
+        roofline["influence_pass_flops"] / hooks_seconds / roofline["gemm_peak_flops"]
+    )
+    names = list(rows)
     assert names[0] == "countsketch k=16" and any(n.startswith("factorised") for n in names)
     smol = result["smollm2"]
     assert set(smol["rows"]) == {"reference", "default", "subset", "factorised", "bf16 hooks"}
