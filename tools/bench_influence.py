@@ -556,9 +556,7 @@ def embedded_rows(
     options[f"countsketch k={k}, bf16 autocast"] = InfluenceScorer(
         POPIConfig(autocast_bf16=True), sketch, method="loop"
     )
-    options[HOOKS.format(k=k)] = InfluenceScorer(
-        projection=sketch, method="hooks"
-    )
+    options[HOOKS.format(k=k)] = InfluenceScorer(projection=sketch, method="hooks")
     options[BF16_HOOKS.format(k=k)] = InfluenceScorer(
         BF16_POPI, sketch, CONFIG_PROMPTS_PER_BATCH, method="hooks"
     )
