@@ -187,6 +187,11 @@ def test_tiny_end_to_end_run(tmp_path):
     assert roofline["hooks_fraction_of_peak"] == pytest.approx(
         roofline["influence_pass_flops"] / hooks_seconds / roofline["gemm_peak_flops"]
     )
+    bf16_seconds = rows[bench.BF16_HOOKS.format(k=16)]["extra"]["seconds"]
+    assert roofline["bf16_hooks_fraction_of_bf16_peak"] == pytest.approx(
+        roofline["influence_pass_flops"] / bf16_seconds / roofline["bf16_gemm_peak_flops"]
+    )
+    assert roofline["compiled_second_pass_fraction_of_peak"] is None  # torch.compile skipped
     names = list(rows)
     assert names[0] == "countsketch k=16" and any(n.startswith("factorised") for n in names)
     smol = result["smollm2"]

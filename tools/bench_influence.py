@@ -656,16 +656,21 @@ def embedded_section(config: BenchConfig) -> dict[str, Any]:
         if fast
         else max(rows, key=lambda r: r.fidelity["precision_at_10pct"])
     )
-    sketch_row = next(r for r in rows if r.name == f"countsketch k={config.default_dim}")
+    named = {r.name: r for r in rows}
+    sketch_row = named[f"countsketch k={config.default_dim}"]
     peak = gemm_peak(config.threads)
     block = mean_block_tokens(work.pool)
     shape_rate = model_gemm_rate(model, block)
     flops = pass_flops(model, work.pool) + pass_flops(model, work.targets)
     achieved = flops / sketch_row.extra["seconds"]
-    after = next((r for r in rows if r.name == COMPILED_AFTER), None)
-    hooks = next((r for r in rows if r.name == HOOKS.format(k=config.default_dim)), None)
-    bf16 = next((r for r in rows if r.name == BF16_HOOKS.format(k=config.default_dim)), None)
     bf16_peak = gemm_peak(config.threads, dtype=torch.bfloat16)
+
+    def fraction(name: str, of_peak: float) -> float | None:
+        """The pass's counted FLOPs over row ``name``'s seconds, against ``of_peak`` (None if the
+        row was skipped); a row that pads its rows runs more FLOPs than counted."""
+        row = named.get(name)
+        return None if row is None else flops / row.extra["seconds"] / of_peak
+
     return {
         "model": config.model,
         "num_params": sum(p.numel() for p in model.parameters()),
@@ -687,15 +692,11 @@ def embedded_section(config: BenchConfig) -> dict[str, Any]:
             "model_shape_gemm_flops": shape_rate,
             "model_shape_gemm_fraction_of_peak": shape_rate / peak,
             "fraction_of_model_shape_gemm": achieved / shape_rate,
-            "hooks_fraction_of_peak": (  # same count; its padded rows run more FLOPs than it
-                None if hooks is None else flops / hooks.extra["seconds"] / peak
-            ),
-            "compiled_second_pass_fraction_of_peak": (
-                None if after is None else flops / after.extra["seconds"] / peak
-            ),
+            "hooks_fraction_of_peak": fraction(HOOKS.format(k=config.default_dim), peak),
+            "compiled_second_pass_fraction_of_peak": fraction(COMPILED_AFTER, peak),
             "bf16_gemm_peak_flops": bf16_peak,
-            "bf16_hooks_fraction_of_bf16_peak": (
-                None if bf16 is None else flops / bf16.extra["seconds"] / bf16_peak
+            "bf16_hooks_fraction_of_bf16_peak": fraction(
+                BF16_HOOKS.format(k=config.default_dim), bf16_peak
             ),
             "counted": "6 FLOPs per token and linear weight (forward 2, backward 4), padded "
             "(U, T) blocks of distinct responses of the eligible pool and target prompts, "
@@ -780,14 +781,10 @@ def selection_section(config: BenchConfig) -> dict[str, Any]:
     lean: dict[str, Any] = {}
     if config.lean_micro_batch_size:  # a fresh process: it pays its own first pass
         with tempfile.TemporaryDirectory() as tmp:
-            size = str(config.lean_micro_batch_size)
-            command = [sys.executable, "-m", "cropi_pl", "fit", *base]
-            command += [
-                "--trainer.default_root_dir",
-                tmp,
-                "--model.init_args.micro_batch_size",
-                size,
-            ]
+            command = [
+                sys.executable, "-m", "cropi_pl", "fit", *base, "--trainer.default_root_dir", tmp,
+                "--model.init_args.micro_batch_size", str(config.lean_micro_batch_size),
+            ]  # fmt: skip
             subprocess.run(command, check=True)
             _, lean_passes, lean_steps = timings(Path(tmp))
         lean_step_s = statistics.mean(lean_steps.values())
