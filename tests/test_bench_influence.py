@@ -170,6 +170,7 @@ def test_tiny_end_to_end_run(tmp_path):
         "--sections", "embedded,smollm2", "--pool-size", "40", "--target-size", "8",
         "--skip-options", "torch.compile",  # about 35 s of compilation
         "--dims", "16", "--default-dim", "16", "--bootstrap", "10", "--threads", "1",
+        "--roofline-repeats", "2",
         "--smol-model", "embedded:tiny", "--smol-pool", "24", "--smol-targets", "8",
         "--smol-timed", "2", "--smol-dim", "16", "--reference-slice", "1000", "--out", str(out),
     ]  # fmt: skip
@@ -192,6 +193,13 @@ def test_tiny_end_to_end_run(tmp_path):
         roofline["influence_pass_flops"] / bf16_seconds / roofline["bf16_gemm_peak_flops"]
     )
     assert roofline["compiled_second_pass_fraction_of_peak"] is None  # torch.compile skipped
+    for method in ("loop", "hooks"):  # steady state: the best of the back-to-back passes
+        seconds = roofline["steady_seconds"][method]
+        assert len(seconds) == 2 and min(seconds) > 0
+        assert roofline["steady_fraction_of_peak"][method] == pytest.approx(
+            roofline["influence_pass_flops"] / min(seconds) / roofline["gemm_peak_flops"]
+        )
+    assert result["gemm_fraction_of_peak"] == roofline["steady_fraction_of_peak"]["hooks"]
     names = list(rows)
     assert names[0] == "countsketch k=16" and any(n.startswith("factorised") for n in names)
     smol = result["smollm2"]
