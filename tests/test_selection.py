@@ -136,12 +136,13 @@ def test_merge_rejects_bad_input() -> None:
         reciprocal_rank_merge({"a": torch.tensor([0.0, 1.0, float("nan"), 0, 0])}, ALL, 2)
 
 
-def test_cosine_scores_match_loop() -> None:
+@pytest.mark.parametrize("rows", [4096, 3, 1])  # whole pool, chunks with a remainder, row by row
+def test_cosine_scores_match_loop(rows: int) -> None:
     pool = torch.randn(7, 5)
     pool[3] = 0
     target = torch.randn(5)
-    out = cosine_scores(pool, target)
-    assert out.dtype == torch.float32
+    out = cosine_scores(pool, target, rows)
+    assert out.dtype == torch.float32 and out.shape == (7,)
     for i in range(7):
         p, t = pool[i].double().tolist(), target.double().tolist()
         dot = sum(a * b for a, b in zip(p, t, strict=True))
@@ -152,8 +153,8 @@ def test_cosine_scores_match_loop() -> None:
     with pytest.raises(ValueError, match="norm 0"):
         cosine_scores(pool, torch.zeros(5))
     pool[5, 1] = float("inf")
-    with pytest.raises(ValueError, match="row 5"):
-        cosine_scores(pool, target)
+    with pytest.raises(ValueError, match="row 5 has"):  # its index in the pool, not the chunk
+        cosine_scores(pool, target, rows)
 
 
 IDS = [f"p{i}" for i in range(6)]

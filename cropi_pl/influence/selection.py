@@ -37,9 +37,11 @@ __all__ = [
 ]
 
 
-def cosine_scores(pool: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def cosine_scores(pool: torch.Tensor, target: torch.Tensor, rows: int = 4096) -> torch.Tensor:
     """Cosine ``(N,)`` float32 of each pool vector with ``target``, computed in float64.
 
+    The pool is read ``rows`` rows at a time, so no float64 copy of the whole (N, k) matrix is
+    ever made (at the paper's scale, 50k prompts at k = 32768, that copy alone would be 13 GB).
     A zero pool vector scores 0 (not NaN); callers exclude such prompts with an ``eligible``
     mask."""
     if pool.dim() != 2 or target.shape != (pool.shape[1],):
@@ -47,18 +49,24 @@ def cosine_scores(pool: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             f"cosine_scores: expected pool (N, k) and target (k,), got {tuple(pool.shape)} "
             f"and {tuple(target.shape)}"
         )
-    bad = (~torch.isfinite(pool)).any(dim=1).nonzero().flatten()
-    if bad.numel():
-        raise ValueError(f"cosine_scores: pool row {bad[0].item()} has non-finite values")
     target64 = target.double()
     target_norm = target64.norm()
     if not torch.isfinite(target_norm) or target_norm == 0:
         raise ValueError(f"cosine_scores: target vector has norm {target_norm.item()}")
-    pool64 = pool.double()
-    norms = pool64.norm(dim=1)
-    dots = pool64 @ target64
-    safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-    return torch.where(norms > 0, dots / (safe * target_norm), 0.0).float()
+    scores = torch.empty(pool.shape[0], dtype=torch.float32, device=pool.device)
+    for start in range(0, pool.shape[0], rows):
+        chunk = pool[start : start + rows]
+        bad = (~torch.isfinite(chunk)).any(dim=1).nonzero().flatten()
+        if bad.numel():
+            raise ValueError(
+                f"cosine_scores: pool row {start + bad[0].item()} has non-finite values"
+            )
+        chunk64 = chunk.double()
+        norms = chunk64.norm(dim=1)
+        safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+        dots = chunk64 @ target64
+        scores[start : start + rows] = torch.where(norms > 0, dots / (safe * target_norm), 0.0)
+    return scores
 
 
 def _check_scores(scores: dict[str, torch.Tensor], eligible: torch.Tensor, n: int) -> None:
