@@ -428,7 +428,7 @@ def test_hooks_refuse_modules_without_a_rule() -> None:
     with pytest.raises(ValueError, match=r"model\.norm \(LayerNorm\)"):
         POPIGradients(model, POPIConfig(), method="hooks")
     assert POPIGradients(model, POPIConfig(param_filter="layers"), method="hooks").method == "hooks"
-    assert POPIGradients(model, POPIConfig()).method == "loop"  # the measured CPU default
+    assert POPIGradients(model, POPIConfig()).method == "loop"  # CPU default: one gradient held
     with pytest.raises(ValueError, match="method must be one of"):
         POPIGradients(model, POPIConfig(), method="jacrev")  # type: ignore[arg-type]
 

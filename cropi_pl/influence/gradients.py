@@ -207,12 +207,13 @@ class POPIGradients:
     and loops over prompts for the attention op alone; eager attention batches fully (faster for
     short sequences, O(T^2) memory per head), so the attention implementation is left to the caller.
 
-    ``method`` (module doc): None picks "vmap" on CUDA and "loop" elsewhere: on the 2-core CPU a
-    whole float32 ``configs/cropi_tiny.yaml`` pass took 14.8 s with the loop and 13.9-15.9 s with
-    "hooks" at 4-16 prompts per batch on one thread, 10.7 s and 9.3-10.4 s on two (idle, one run
-    each; ``tools/bench_influence.py``'s selection section sees 0.9-1.5x from run to run): no
-    clear win. Under bf16 autocast with eager attention "hooks" wins (the config's choice): its
-    batched matmuls are where bf16 units pay.
+    ``method`` (module doc): None picks "vmap" on CUDA and "loop" elsewhere. On the 2-core CPU
+    "hooks" is now the faster float32 engine on the embedded policy (``tools/bench_influence.py``,
+    one thread: 9.6 s against 12.0 s for the 1,200-prompt pool, best of three passes 8.9 against
+    12.8 s), but it holds ``prompts_per_batch`` per-prompt gradients at a time where the loop holds
+    one: for SmolLM2-135M, 8 of them are 4.3 GB. So the loop stays the default; configs that know
+    their model choose "hooks" (``configs/cropi_tiny.yaml``, under bf16 autocast with eager
+    attention, where its batched matmuls are what the bf16 units pay for).
     "hooks" sees a parameter only through its modules' forward calls: a model that uses a weight
     functionally elsewhere needs "loop" or "vmap". A model that fails under vmap falls back to
     "loop" with a warning.
