@@ -525,6 +525,11 @@ def factorised_side(model: nn.Module, dim: int, pattern: str | None = None) -> i
     return max(1, round(math.sqrt(dim / count)))
 
 
+def countsketch(config: BenchConfig, dim: int) -> ProjectionConfig:
+    """The CountSketch every section scores with, at ``dim``, drawn from ``config.seed``."""
+    return ProjectionConfig(dim=dim, kind="countsketch", seed=config.seed)
+
+
 COMPILED_FIRST = "countsketch, torch.compile, first pass (compiles)"
 COMPILED_AFTER = "countsketch, torch.compile, second pass"
 BF16_HOOKS = "countsketch k={k}, bf16 autocast, eager attention, hooks"  # the config's pass
@@ -540,12 +545,12 @@ def embedded_rows(
 ) -> list[Row]:
     """Every cost option of the scorer on the embedded policy."""
     k = config.default_dim
-    sketch = ProjectionConfig(dim=k, kind="countsketch", seed=config.seed)
+    sketch = countsketch(config, k)
     side = factorised_side(model, k)
     options: dict[str, InfluenceScorer] = {}
     for dim in config.dims:
         options[f"countsketch k={dim}"] = InfluenceScorer(
-            projection=replace(sketch, dim=dim), method="loop"
+            projection=countsketch(config, dim), method="loop"
         )
     options[f"gaussian k={k} kept=0.1 (previous default)"] = InfluenceScorer(
         projection=ProjectionConfig(dim=k, kind="gaussian", kept_fraction=0.1, seed=config.seed),
@@ -689,7 +694,7 @@ def embedded_section(config: BenchConfig) -> dict[str, Any]:
         row = named.get(name)
         return None if row is None else flops / row.extra["seconds"] / of_peak
 
-    sketch = ProjectionConfig(dim=config.default_dim, kind="countsketch", seed=config.seed)
+    sketch = countsketch(config, config.default_dim)
     steady = {
         method: steady_pass_seconds(
             InfluenceScorer(projection=sketch, method=method), model, work, config.roofline_repeats
@@ -921,7 +926,7 @@ def smollm2_section(config: BenchConfig) -> dict[str, Any]:
     model, tokenizer = load_model(config.smol_model)
     work = smol_workload(model, tokenizer, config)
     k = config.smol_dim
-    sketch = ProjectionConfig(dim=k, kind="countsketch", seed=config.seed)
+    sketch = countsketch(config, k)
     full = POPIGradients(model, POPIConfig(), 1, "loop")
     layers = sorted(
         {int(n.split(".layers.")[1].split(".")[0]) for n in full.param_names if ".layers." in n}
