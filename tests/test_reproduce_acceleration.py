@@ -78,7 +78,8 @@ def test_targets_overlay_retargets_influence_and_evaluation_sets():
 
 def test_targets_overlay_parses_through_the_cli(tmp_path):
     """The overlay replaces the config's targets and eval sets (no merge with mul/mod) and,
-    with --model, its starting policy."""
+    with --model and --pool-per-cell, its starting policy and the pool's size (the pool's
+    other arguments kept)."""
     from tests.cli_utils import run_cli
 
     args = accel.argparse.Namespace(
@@ -88,6 +89,7 @@ def test_targets_overlay_parses_through_the_cli(tmp_path):
         val_every=3,
         stage_steps=3,
         model="embedded:tiny",
+        pool_per_cell=160,
     )
     configs = accel.config_args("full", tmp_path / "run", tmp_path / "cache", args, seed=0)
     out = run_cli(
@@ -95,6 +97,8 @@ def test_targets_overlay_parses_through_the_cli(tmp_path):
     ).stdout
     assert accel.yaml.safe_load(out)["model"]["init_args"]["model"] == "embedded:tiny"
     config = accel.yaml.safe_load(out)["data"]["init_args"]
+    assert config["pool"]["init_args"]["num_per_cell"] == 160
+    assert config["pool"]["init_args"]["split"] == "train"
     assert list(config["targets"]) == ["sub", "cmp"]
     assert config["eval_sets"]["untargeted"]["init_args"]["families"] == [
         "add",

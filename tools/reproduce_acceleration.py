@@ -16,9 +16,10 @@ For every method and seed it runs ``python -m cropi_pl fit`` on ``configs/cropi_
 - full-pool's targeted gain (final minus starting accuracy) and every method's final untargeted
   accuracy, each with its 95% interval (prompts as units, from ``val/<set>/accuracy_ci95``).
 ``--targets fam1,fam2`` replaces the targeted families (influence targets and the targeted
-evaluation set; every other family of the pool is untargeted) and ``--model`` the starting policy,
-without editing YAML; ``--key`` writes the results under that key of the JSON (keeping the
-others) and names the plot after it.
+evaluation set; every other family of the pool is untargeted), ``--model`` the starting policy
+and ``--pool-per-cell`` the pool's prompts per (family, difficulty) cell, without editing YAML;
+``--key`` writes the results under that key of the JSON (keeping the others) and names the plot
+after it.
 ``--merge`` adds methods to a stored report of the same settings: the methods run now (full
 among them) replace their stored runs, the others are kept, and the report records how far the
 re-run full-pool curve is from the stored one (0 when runs are reproducible). The stored runs'
@@ -140,6 +141,8 @@ def config_args(
     }
     if args.model:
         config["model"] = {"init_args": {"model": args.model}}
+    if args.pool_per_cell:
+        data["pool"] = {"init_args": {"num_per_cell": args.pool_per_cell}}
     path = run_dir / "overlay.yaml"
     run_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -353,6 +356,14 @@ def main() -> None:
         "the family-deficit warm start of the README",
     )
     parser.add_argument(
+        "--pool-per-cell",
+        type=int,
+        default=None,
+        help="the pool's prompts per (family, difficulty) cell instead of the config's "
+        "(num_per_cell; 16 gives 384 prompts): a larger pool, so that a 10%% subset is not "
+        "seen many times per stage",
+    )
+    parser.add_argument(
         "--merge",
         action="store_true",
         help="keep the stored runs of methods not run now (same settings required)",
@@ -374,6 +385,7 @@ def main() -> None:
         "config": args.config,
         "targets": args.targets,
         **({"model": args.model} if args.model else {}),
+        **({"pool_per_cell": args.pool_per_cell} if args.pool_per_cell else {}),
     }
     runs, out = ROOT / args.runs, ROOT / args.out
     path = out / "acceleration.json"
@@ -412,19 +424,25 @@ def main() -> None:
             f"+-{b['targeted_ci95']:.3f}, untargeted {b['untargeted']:.3f} "
             f"+-{b['untargeted_ci95']:.3f}"
         )
+
+    def collect(seed: int) -> float:
+        """Seconds to sample this seed's own trajectory cache (``--jobs`` seeds at a time, like
+        the runs); with ``--merge`` the stored runs' cache is verified and its seconds charged."""
+        configs = config_args("full", runs / f"base-seed{seed}", cache, args, seed)
+        seconds = run(
+            [py, "tools/collect_trajectories.py", *configs],
+            runs / f"collect_log-seed{seed}.txt",
+            args.threads,
+        )
+        return merged["collection_seconds"][seed] if args.merge else seconds
+
     collection_s = dict.fromkeys(args.seeds, 0.0)
     if USES_TRAJECTORIES & set(args.methods):
-        for seed in args.seeds:  # each seed samples its own cache
-            configs = config_args("full", runs / f"base-seed{seed}", cache, args, seed)
-            collection_s[seed] = run(
-                [py, "tools/collect_trajectories.py", *configs],
-                runs / f"collect_log-seed{seed}.txt",
-                args.threads,
-            )
-            if args.merge:  # the stored runs' cache, verified now: charge its collection
-                collection_s[seed] = merged["collection_seconds"][seed]
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            collection_s = dict(zip(args.seeds, pool.map(collect, args.seeds), strict=True))
+        for seed, seconds in collection_s.items():
             print(
-                f"trajectory collection, seed {seed}: {collection_s[seed]:.1f}s "
+                f"trajectory collection, seed {seed}: {seconds:.1f}s "
                 "(charged to every method that uses it)"
             )
 
