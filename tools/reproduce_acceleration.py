@@ -377,6 +377,8 @@ def main() -> None:
     args = parser.parse_args()
     if "full" not in args.methods:
         raise SystemExit("--methods must include 'full': accelerations are relative to it")
+    if args.pool_per_cell is not None and args.pool_per_cell < 1:
+        raise SystemExit(f"--pool-per-cell must be >= 1, got {args.pool_per_cell}")
     settings = {
         "seeds": args.seeds,
         "steps": args.steps,
