@@ -18,6 +18,17 @@ def test_block_drawn_noise_equals_step_by_step():
         assert torch.equal(block(None, scores), step(None, scores))
 
 
+def test_perturbing_some_rows_gives_them_the_noise_of_the_full_batch():
+    """Rows that stay in a batch others left draw the noise they would have drawn beside them."""
+    seeds = torch.randint(0, 2**62, (5,)).tolist()
+    full = SeededGumbelSampler(seeds, 0.7, 0.9, max_steps=4)
+    some = SeededGumbelSampler(seeds, 0.7, 0.9, max_steps=4)
+    rows = torch.tensor([4, 1])
+    for _ in range(9):
+        scores = torch.randn(5, 50)
+        assert torch.equal(full(None, scores)[rows], some.perturb(scores[rows], rows))
+
+
 def _softmax_top_p(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """Brute force: keep the smallest prefix of sorted probabilities whose mass reaches top_p."""
     probs = torch.softmax(logits.double() / temperature, -1)
@@ -91,8 +102,9 @@ def _brute_force_sample(
 
 
 def test_shared_prompt_cache_equals_per_completion_prefill_and_brute_force():
-    """Prefilling each prompt once for its completions gives the tokens of the plain batched
-    ``generate`` call and of a cache-free loop per completion, greedy and sampled, for prompts of
+    """Prefilling each prompt once for its completions, and decoding with finished rows dropped
+    from the batch, gives the tokens of the plain batched ``generate`` call, of ``generate`` from
+    the shared cache and of a cache-free loop per completion, greedy and sampled, for prompts of
     different lengths (left padding) and calls split across prompts."""
     path = resolve_model_path("embedded:tiny")
     tok = AutoTokenizer.from_pretrained(path)
@@ -100,7 +112,7 @@ def test_shared_prompt_cache_equals_per_completion_prefill_and_brute_force():
     texts = ("Q: 12+7\nA: ", "Q: 345 mod 7\nA: ", "Q: 9*8\nA: ", "Q: max(13,31)\nA: ")
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in texts]
     assert len({len(p) for p in prompts}) > 1
-    samples, steps = 3, 12
+    samples, steps = 3, 17
     seeds = [derive_seed(1, "t", i, j) for i in range(len(prompts)) for j in range(samples)]
     common = dict(
         num_samples=samples,
@@ -122,6 +134,11 @@ def test_shared_prompt_cache_equals_per_completion_prefill_and_brute_force():
         shared = HFGenerateEngine().generate(model, prompts, temperature=temperature, **common)
         width = max(map(len, prompts))  # one prefill per prompt, then one token per completion
         assert widths[:2] == [(len(prompts), width - 1), (len(prompts) * samples, 1)]
+        rows = [r for r, _ in widths[1:]]
+        assert rows == sorted(rows, reverse=True) and rows[-1] < rows[0]  # finished rows left
+        stepped = HFGenerateEngine(drop_finished=False).generate(
+            model, prompts, temperature=temperature, **common
+        )
         split = HFGenerateEngine(batch_size=2 * samples).generate(
             model, prompts, temperature=temperature, **common
         )
@@ -130,7 +147,9 @@ def test_shared_prompt_cache_equals_per_completion_prefill_and_brute_force():
             for p, seed in zip([p for p in prompts for _ in range(samples)], seeds, strict=True)
         ]
         assert [c.ids for c in shared] == [c.ids for c in plain] == [c.ids for c in split]
+        assert [c.ids for c in shared] == [c.ids for c in stepped]
         assert [c.ids for c in shared] == brute
         assert [c.truncated for c in shared] == [c.ids[-1] != tok.eos_token_id for c in shared]
+        assert {c.truncated for c in shared} == {True, False}  # rows ended both ways
         if temperature > 0:
             assert len({tuple(c.ids) for c in shared}) > len(prompts)  # samples differ

@@ -11,8 +11,11 @@ between the engine's sampled-token log-probs and the policy's teacher-forced one
 ``vllm_speedup_vs_hf`` is the compiled vLLM engine's tokens/s over HF's (the project's default,
 per-row seeded) in the same rounds; ``speedup_vs_hf`` gives it for every engine. ``hf_unshared``
 is ``hf`` prefilling every completion's copy of its prompt (``share_prompt_cache=False``), the
-engine before each prompt was prefilled once for its completions. The HF engines alone run in any
-environment (``--engines hf hf_unshared``).
+engine before each prompt was prefilled once for its completions; ``hf_generate`` is ``hf``
+decoding with ``generate`` from the shared prompt cache (``drop_finished=False``: every row steps
+until the longest is done), the engine before finished rows left the batch. Every seeded HF
+engine must give ``hf``'s tokens; ``same_tokens_as_hf`` records it per engine. The HF engines
+alone run in any environment (``--engines hf hf_generate hf_unshared``).
 
 Runs where vLLM is installed (on CPU: the environment ``tools/vllm_venv.sh`` builds). Each model's
 entry records its own workload and machine load, and a run replaces only the entries of the models
@@ -48,7 +51,8 @@ from cropi_pl.grpo.rollout import pack, token_logps  # noqa: E402
 from cropi_pl.policy.build import resolve_model_path  # noqa: E402
 from cropi_pl.tasks.arithmetic import generate_tasks  # noqa: E402
 
-ENGINES = ("hf", "hf_unshared", "hf_plain", "vllm_eager", "vllm_compiled")
+ENGINES = ("hf", "hf_generate", "hf_unshared", "hf_plain", "vllm_eager", "vllm_compiled")
+SEEDED_HF = {"hf", "hf_generate", "hf_unshared"}  # engines that must sample the same tokens
 MODELS = ("embedded:tiny", "embedded:smollm2-135m-instruct")
 PARITY_ROWS = 16  # completions teacher-forced per round for the log-prob check
 
@@ -81,7 +85,9 @@ def encode_prompts(tokenizer: Any, count: int, seed: int) -> list[list[int]]:
 def make_engine(name: str, config: BenchConfig, max_model_len: int) -> GenerationEngine:
     if name.startswith("hf"):
         return HFGenerateEngine(
-            reproducible=name != "hf_plain", share_prompt_cache=name != "hf_unshared"
+            reproducible=name != "hf_plain",
+            share_prompt_cache=name != "hf_unshared",
+            drop_finished=name != "hf_generate",
         )
     return VLLMEngine(
         enforce_eager=name == "vllm_eager",
@@ -154,6 +160,7 @@ def bench_model(model: str, config: BenchConfig, engines: tuple[str, ...]) -> di
     for index in range(config.rounds):
         nudge(policy, generator)
         order = engines if index % 2 == 0 else engines[::-1]
+        tokens_of: dict[str, list[list[int]]] = {}
         for name in order:
             engine = built[name]
             record: dict[str, float] = {}
@@ -167,11 +174,17 @@ def bench_model(model: str, config: BenchConfig, engines: tuple[str, ...]) -> di
             if isinstance(engine, VLLMEngine):
                 record["max_logprob_gap"] = logprob_gap(policy, rows, out)
             stats[name]["rounds"].append(record)
+            tokens_of[name] = [c.ids for c in out]
             print(f"[bench] {model} round {index + 1}: {name} {record}", flush=True)
+        if "hf" in tokens_of:
+            for name in SEEDED_HF & set(tokens_of):
+                stats[name]["rounds"][-1]["same_tokens_as_hf"] = tokens_of[name] == tokens_of["hf"]
     for name, entry in stats.items():
         speeds = [r["tokens_per_s"] for r in entry["rounds"]]
         entry["tokens_per_s"] = statistics.median(speeds)
         entry["tokens_per_s_range"] = [min(speeds), max(speeds)]
+        if name in SEEDED_HF and "hf" in stats:
+            entry["same_tokens_as_hf"] = all(r["same_tokens_as_hf"] for r in entry["rounds"])
         if name.startswith("vllm"):
             entry["push_s"] = statistics.median(r["push_s"] for r in entry["rounds"])
             entry["max_logprob_gap"] = max(r["max_logprob_gap"] for r in entry["rounds"])
@@ -200,8 +213,8 @@ def bench_model(model: str, config: BenchConfig, engines: tuple[str, ...]) -> di
 def format_table(results: dict[str, Any]) -> str:
     lines = [
         "| model | engine | start-up s | first call s | tokens/s (median, range) "
-        "| push s | max log-prob gap | speedup vs hf |",
-        "|---|---|---|---|---|---|---|---|",
+        "| push s | max log-prob gap | same tokens as hf | speedup vs hf |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for model, result in results.items():
         for name, e in result["engines"].items():
@@ -209,9 +222,10 @@ def format_table(results: dict[str, Any]) -> str:
             push = f"{e['push_s']:.3f}" if "push_s" in e else "-"
             gap = f"{e['max_logprob_gap']:.1e}" if "max_logprob_gap" in e else "-"
             ratio = result["speedup_vs_hf"].get(name, {}).get("median")
+            same = {True: "yes", False: "NO"}.get(e.get("same_tokens_as_hf"), "-")
             lines.append(
                 f"| {model} | {name} | {e['startup_s']:.1f} | {e['first_call_s']:.1f} "
-                f"| {e['tokens_per_s']:.0f} ({low:.0f}-{high:.0f}) | {push} | {gap} "
+                f"| {e['tokens_per_s']:.0f} ({low:.0f}-{high:.0f}) | {push} | {gap} | {same} "
                 f"| {'-' if ratio is None else f'{ratio:.2f}'} |"
             )
     return "\n".join(lines)

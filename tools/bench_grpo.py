@@ -87,7 +87,8 @@ def completion_tokens(sequences: torch.Tensor, prompt_width: int, eos_id: int) -
 
 
 class StepRecorder:
-    """Marks step boundaries and accumulates time and tokens inside ``model.generate``."""
+    """Marks step boundaries and accumulates time and tokens inside generation (TRL's
+    ``model.generate``, our engine's ``generate``)."""
 
     def __init__(self, eos_id: int) -> None:
         self.eos_id = eos_id
@@ -139,6 +140,20 @@ class StepRecorder:
             return out
 
         model.generate = timed
+
+    def wrap_engine(self, engine: Any) -> None:
+        """Time our engine's ``generate`` (its default decodes in its own loop, not through
+        ``model.generate``); completions end at their first eos, as counted for TRL."""
+        original = engine.generate
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            out = original(*args, **kwargs)
+            self._generation_s += time.perf_counter() - start
+            self._tokens += sum(len(c.ids) for c in out)
+            return out
+
+        engine.generate = timed
 
     def after(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` followed by :meth:`rollout_done` (where the rollout ends, training begins)."""
@@ -205,7 +220,7 @@ def run_ours(config: BenchConfig, reproducible: bool) -> list[StepRecord]:
     class Timing(L.Callback):
         def on_train_start(self, trainer: L.Trainer, pl_module: GRPOModule) -> None:
             recorder = StepRecorder(pl_module.tokenizer.eos_token_id)
-            recorder.wrap_generate(pl_module.policy)
+            recorder.wrap_engine(pl_module.engine)
             pl_module._optimizer_step = recorder.before(pl_module._optimizer_step)
             holder["recorder"] = recorder
 

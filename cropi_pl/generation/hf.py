@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
@@ -9,7 +11,7 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from cropi_pl.generation.engine import Completion, GenerationEngine
-from cropi_pl.kv_cache import cache_keyword
+from cropi_pl.kv_cache import cache_keyword, cache_rows
 
 
 class SeededGumbelSampler(LogitsProcessor):
@@ -49,6 +51,11 @@ class SeededGumbelSampler(LogitsProcessor):
         return self._noise[:, self._next_step - 1]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return self.perturb(scores)
+
+    def perturb(self, scores: Tensor, rows: Tensor | None = None) -> Tensor:
+        """This step's perturbed scores of ``rows`` (indices into the seeds; None: every row),
+        whose argmax is the draw; every row's noise advances, so dropped rows stay in step."""
         scores = scores.float() / self.temperature
         if self.top_p < 1.0:
             sorted_scores, order = scores.sort(dim=-1, descending=True)
@@ -56,7 +63,8 @@ class SeededGumbelSampler(LogitsProcessor):
             drop_sorted = cumulative - sorted_scores.softmax(-1) >= self.top_p
             drop = drop_sorted.scatter(-1, order, drop_sorted)
             scores = scores.masked_fill(drop, float("-inf"))
-        return scores + self._gumbel(scores.shape[-1]).to(scores.device)
+        noise = self._gumbel(scores.shape[-1])
+        return scores + (noise if rows is None else noise[rows]).to(scores.device)
 
 
 def _is_sharded(model: nn.Module) -> bool:
@@ -86,6 +94,52 @@ def _shared_prefix_cache(
     return cache
 
 
+def _decode_dropping_finished(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    cache: DynamicCache,
+    pick: Callable[[Tensor, Tensor], Tensor],
+    max_new_tokens: int,
+    eos_token_id: int,
+) -> list[list[int]]:
+    """Decode every row from ``cache`` (which holds all of its prompt but the last token), each
+    row until its EOS or ``max_new_tokens``, the tokens ``pick(logits, rows)`` chooses.
+
+    ``generate`` steps every row until the longest is done; here finished rows leave the batch
+    (their cache rows too) once they are a quarter of it, so the other rows stop paying for
+    them. A row's inputs, positions (``generate``'s rule) and cache are the same either way.
+    """
+    rows = torch.arange(input_ids.shape[0])
+    tokens = input_ids[:, -1:]
+    positions = attention_mask.sum(-1, keepdim=True) - 1
+    done = torch.zeros(len(rows), dtype=torch.bool)
+    out = torch.full((len(rows), max_new_tokens), eos_token_id, dtype=torch.long)
+    keyword = cache_keyword(model)
+    for step in range(max_new_tokens):
+        logits = model(
+            input_ids=tokens,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            use_cache=True,
+            **{keyword: cache},
+        ).logits[:, -1]
+        chosen = pick(logits, rows).cpu()
+        out[rows, step] = torch.where(done, eos_token_id, chosen)
+        done |= chosen == eos_token_id
+        if bool(done.all()):
+            break
+        if 4 * int(done.sum()) >= len(done):
+            keep = (~done).nonzero().squeeze(1)
+            cache = cache_rows(cache, keep.to(attention_mask.device))
+            rows, chosen, done = rows[keep], chosen[keep], done[keep]
+            attention_mask, positions = attention_mask[keep], positions[keep]
+        tokens = chosen.to(input_ids.device)[:, None]
+        positions = positions + 1
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], 1)
+    return out.tolist()
+
+
 class HFGenerateEngine(GenerationEngine):
     """Batched ``model.generate`` over left-padded prompts, each prompt prefilled once.
 
@@ -100,14 +154,23 @@ class HFGenerateEngine(GenerationEngine):
             a prompt's completions are never split, so a call holds at least one prompt's).
         share_prompt_cache: prefill each prompt once for its completions; ``False`` prefills
             every completion's copy of the prompt (the plain ``generate`` call).
+        drop_finished: with a shared prompt cache, decode in a loop that drops finished rows
+            from the batch (:func:`_decode_dropping_finished`; the same tokens); ``False``, or a
+            sharded model (its ranks must step together) or ``generate``'s own sampler, runs
+            ``generate``, which steps every row until the longest is done.
     """
 
     def __init__(
-        self, reproducible: bool = True, batch_size: int = 256, share_prompt_cache: bool = True
+        self,
+        reproducible: bool = True,
+        batch_size: int = 256,
+        share_prompt_cache: bool = True,
+        drop_finished: bool = True,
     ) -> None:
         self.reproducible = reproducible
         self.batch_size = batch_size
         self.share_prompt_cache = share_prompt_cache
+        self.drop_finished = drop_finished
 
     def generate(
         self,
@@ -177,42 +240,89 @@ class HFGenerateEngine(GenerationEngine):
             padding_side="left",
         ).to(device)
         width = input_ids.shape[1]
-        processors = LogitsProcessorList()
+        sampler = None
+        if temperature > 0 and self.reproducible:
+            if seeds is None:
+                seeds = torch.randint(0, 2**62, (len(prompts) * num_samples,)).tolist()
+            sampler = SeededGumbelSampler(seeds, temperature, top_p, max_new_tokens)
+        was_training = model.training
+        model.eval()
+        try:
+            decode_here = self.drop_finished and self.share_prompt_cache
+            if decode_here and not _is_sharded(model) and (sampler or temperature == 0):
+                cache = (
+                    _shared_prefix_cache(model, input_ids, attention_mask, num_samples)
+                    if width > 1
+                    else DynamicCache()
+                )
+                rows = _decode_dropping_finished(
+                    model,
+                    input_ids.repeat_interleave(num_samples, dim=0),
+                    attention_mask.repeat_interleave(num_samples, dim=0),
+                    cache,
+                    (lambda logits, r: sampler.perturb(logits, r).argmax(-1))
+                    if sampler
+                    else (lambda logits, _: logits.argmax(-1)),
+                    max_new_tokens,
+                    eos_token_id,
+                )
+            else:
+                rows = self._generate_plain(
+                    model,
+                    input_ids,
+                    attention_mask,
+                    num_samples,
+                    sampler,
+                    max_new_tokens,
+                    temperature,
+                    top_p,
+                    eos_token_id,
+                    pad_token_id,
+                )
+        finally:
+            model.train(was_training)
+        completions = []
+        for row in rows:
+            if eos_token_id in row:
+                completions.append(Completion(row[: row.index(eos_token_id) + 1], truncated=False))
+            else:
+                completions.append(Completion(row, truncated=True))
+        return completions
+
+    def _generate_plain(
+        self,
+        model: nn.Module,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        num_samples: int,
+        sampler: SeededGumbelSampler | None,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        eos_token_id: int,
+        pad_token_id: int,
+    ) -> list[list[int]]:
+        """The ``generate`` call: for sharded models (``synced_gpus`` keeps every rank stepping
+        until all are done), ``generate``'s own sampler, and without a shared prompt cache."""
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
             do_sample=False,
         )
-        if temperature > 0:
-            if self.reproducible:
-                if seeds is None:
-                    seeds = torch.randint(0, 2**62, (len(prompts) * num_samples,)).tolist()
-                processors.append(SeededGumbelSampler(seeds, temperature, top_p, max_new_tokens))
-            else:
-                config.do_sample, config.temperature, config.top_p = True, temperature, top_p
-                config.top_k = 0
-        was_training = model.training
-        model.eval()
-        try:
-            cached = {}
-            if self.share_prompt_cache and num_samples > 1 and width > 1:
-                cache = _shared_prefix_cache(model, input_ids, attention_mask, num_samples)
-                cached[cache_keyword(model)] = cache
-            sequences = model.generate(
-                input_ids=input_ids.repeat_interleave(num_samples, dim=0),
-                attention_mask=attention_mask.repeat_interleave(num_samples, dim=0),
-                generation_config=config,
-                logits_processor=processors,
-                synced_gpus=_is_sharded(model),
-                **cached,
-            )
-        finally:
-            model.train(was_training)
-        completions = []
-        for row in sequences[:, width:].tolist():
-            if eos_token_id in row:
-                completions.append(Completion(row[: row.index(eos_token_id) + 1], truncated=False))
-            else:
-                completions.append(Completion(row, truncated=True))
-        return completions
+        if temperature > 0 and sampler is None:
+            config.do_sample, config.temperature, config.top_p = True, temperature, top_p
+            config.top_k = 0
+        cached = {}
+        if self.share_prompt_cache and num_samples > 1 and input_ids.shape[1] > 1:
+            cache = _shared_prefix_cache(model, input_ids, attention_mask, num_samples)
+            cached[cache_keyword(model)] = cache
+        sequences = model.generate(
+            input_ids=input_ids.repeat_interleave(num_samples, dim=0),
+            attention_mask=attention_mask.repeat_interleave(num_samples, dim=0),
+            generation_config=config,
+            logits_processor=LogitsProcessorList([sampler] if sampler else []),
+            synced_gpus=_is_sharded(model),
+            **cached,
+        )
+        return sequences[:, input_ids.shape[1] :].tolist()
