@@ -143,7 +143,8 @@ class GRPOModule(L.LightningModule):
             ``plain`` (``cropi_pl.policy.prompting``); used identically for rollouts,
             evaluation and the trajectory cache.
         system_prompt: system message of the chat format (a preamble in plain format).
-        engine: generation engine (default: HF ``generate`` with per-row seeded sampling;
+        engine: generation engine (default: ``HFGenerateEngine``, per-row seeded sampling,
+            each prompt prefilled once, finished rows dropped from the decode batch;
             ``cropi_pl.generation.VLLMEngine`` for vLLM, see ``configs/engine/vllm.yaml``).
         vllm_importance_sampling_correction: reweight each token's surrogate by
             ``pi_old / pi_engine`` (the trainer's over the engine's log-prob of the sampled token)
