@@ -109,6 +109,8 @@ def _decode_dropping_finished(
     ``generate`` steps every row until the longest is done; here finished rows leave the batch
     (their cache rows too) once they are a quarter of it, so the other rows stop paying for
     them. A row's inputs, positions (``generate``'s rule) and cache are the same either way.
+    Only ``pick`` shapes the draw, not the processors a model's ``generation_config`` may add
+    under ``generate`` (a repetition penalty, say), so rows sample the policy's own distribution.
     """
     rows = torch.arange(input_ids.shape[0])
     tokens = input_ids[:, -1:]
