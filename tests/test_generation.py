@@ -153,3 +153,35 @@ def test_shared_prompt_cache_equals_per_completion_prefill_and_brute_force():
         assert {c.truncated for c in shared} == {True, False}  # rows ended both ways
         if temperature > 0:
             assert len({tuple(c.ids) for c in shared}) > len(prompts)  # samples differ
+
+
+def test_a_model_generation_config_does_not_bias_the_draws():
+    """Every decode path samples the policy's own distribution: a repetition penalty and an
+    n-gram ban in the model's ``generation_config`` (which ``generate`` would otherwise apply)
+    change no token, and the model's config is left as it was."""
+    path = resolve_model_path("embedded:tiny")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    prompts = [
+        tok(p, add_special_tokens=False)["input_ids"] for p in ("Q: 77*88\nA: ", "Q: 9+9\nA: ")
+    ]
+    seeds = [derive_seed(2, "t", i, j) for i in range(2) for j in range(2)]
+    common = dict(
+        num_samples=2,
+        max_new_tokens=16,
+        top_p=1.0,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        seeds=seeds,
+    )
+    for temperature in (1.0, 0.0):
+        clean = HFGenerateEngine().generate(model, prompts, temperature=temperature, **common)
+        model.generation_config.repetition_penalty = 5.0
+        model.generation_config.no_repeat_ngram_size = 1
+        for engine in (HFGenerateEngine(), HFGenerateEngine(drop_finished=False)):
+            got = engine.generate(model, prompts, temperature=temperature, **common)
+            assert [c.ids for c in got] == [c.ids for c in clean]
+        assert model.generation_config.repetition_penalty == 5.0
+        assert any(len(set(c.ids)) < len(c.ids) for c in clean)  # tokens repeat: a ban would bite
+        model.generation_config.repetition_penalty = None
+        model.generation_config.no_repeat_ngram_size = None

@@ -305,7 +305,8 @@ class HFGenerateEngine(GenerationEngine):
         pad_token_id: int,
     ) -> list[list[int]]:
         """The ``generate`` call: for sharded models (``synced_gpus`` keeps every rank stepping
-        until all are done), ``generate``'s own sampler, and without a shared prompt cache."""
+        until all are done), ``generate``'s own sampler, and without a shared prompt cache; none
+        of the model's ``generation_config`` defaults apply."""
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
             eos_token_id=eos_token_id,
@@ -319,12 +320,18 @@ class HFGenerateEngine(GenerationEngine):
         if self.share_prompt_cache and num_samples > 1 and input_ids.shape[1] > 1:
             cache = _shared_prefix_cache(model, input_ids, attention_mask, num_samples)
             cached[cache_keyword(model)] = cache
-        sequences = model.generate(
-            input_ids=input_ids.repeat_interleave(num_samples, dim=0),
-            attention_mask=attention_mask.repeat_interleave(num_samples, dim=0),
-            generation_config=config,
-            logits_processor=LogitsProcessorList([sampler] if sampler else []),
-            synced_gpus=_is_sharded(model),
-            **cached,
-        )
+        # generate fills every setting left unset from the model's own generation_config (a
+        # repetition penalty, say); the draws must come from the policy's distribution alone
+        own, model.generation_config = model.generation_config, GenerationConfig()
+        try:
+            sequences = model.generate(
+                input_ids=input_ids.repeat_interleave(num_samples, dim=0),
+                attention_mask=attention_mask.repeat_interleave(num_samples, dim=0),
+                generation_config=config,
+                logits_processor=LogitsProcessorList([sampler] if sampler else []),
+                synced_gpus=_is_sharded(model),
+                **cached,
+            )
+        finally:
+            model.generation_config = own
         return sequences[:, input_ids.shape[1] :].tolist()
