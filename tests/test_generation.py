@@ -185,3 +185,23 @@ def test_a_model_generation_config_does_not_bias_the_draws():
         assert any(len(set(c.ids)) < len(c.ids) for c in clean)  # tokens repeat: a ban would bite
         model.generation_config.repetition_penalty = None
         model.generation_config.no_repeat_ngram_size = None
+
+
+def test_the_hf_engine_overlay_sets_every_knob_at_its_default(tmp_path):
+    """``configs/engine/hf.yaml`` parses through the real CLI and builds the default engine."""
+    from cropi_pl.cli import main
+    from tests.cli_utils import ROOT, TINY
+
+    overlay = ROOT / "configs" / "engine" / "hf.yaml"
+    cli = main(
+        ["--config", str(TINY), "--config", str(overlay), f"--trainer.default_root_dir={tmp_path}"],
+        run=False,
+    )
+    engine, default = cli.model.engine, HFGenerateEngine()
+    assert type(engine) is HFGenerateEngine and vars(engine) == vars(default)
+    flipped = main(
+        ["--config", str(TINY), "--config", str(overlay), f"--trainer.default_root_dir={tmp_path}"]
+        + ["--model.init_args.engine.init_args.drop_finished=false"],
+        run=False,
+    ).model.engine
+    assert flipped.drop_finished is False and flipped.share_prompt_cache is True
