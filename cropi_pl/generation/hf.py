@@ -1,4 +1,5 @@
-"""Sampling with Hugging Face ``generate``: the engine that runs everywhere, CPU included."""
+"""Sampling Hugging Face models (our decode loop, or ``generate``): the engine that runs
+everywhere, CPU included."""
 
 from __future__ import annotations
 
@@ -143,10 +144,12 @@ def _decode_dropping_finished(
 
 
 class HFGenerateEngine(GenerationEngine):
-    """Batched ``model.generate`` over left-padded prompts, each prompt prefilled once.
+    """Batched sampling over left-padded prompts, each prompt prefilled once, finished rows
+    dropped from the decode batch.
 
     The ``num_samples`` completions of a prompt share its prompt, so its KV cache is computed once
-    and repeated for them (:func:`_shared_prefix_cache`) instead of once per completion.
+    and repeated for them (:func:`_shared_prefix_cache`) instead of once per completion; the rows
+    then decode in :func:`_decode_dropping_finished`, or in ``model.generate`` where it must run.
 
     Args:
         reproducible: sample through :class:`SeededGumbelSampler` (completions depend only on their
