@@ -1,5 +1,7 @@
 """Seeded Gumbel-max sampling: exact distribution, block noise, batch-independent completions."""
 
+from typing import Any
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -56,22 +58,23 @@ def test_gumbel_sampling_matches_softmax_with_temperature_and_top_p():
         torch.testing.assert_close(freq, expected, atol=0.012, rtol=0)  # ~5 sigma at n=40k
 
 
-def test_completions_do_not_depend_on_batch_composition():
+def _tiny_policy(*texts: str) -> tuple[Any, torch.nn.Module, list[list[int]]]:
+    """The embedded tiny policy's tokenizer, the policy, and ``texts`` encoded as prompts."""
     path = resolve_model_path("embedded:tiny")
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
-    prompts = [
-        tok(p, add_special_tokens=False)["input_ids"]
-        for p in ("Q: 12+7\nA: ", "Q: 345 mod 7\nA: ", "Q: 9*8\nA: ")
-    ]
+    return tok, model, [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def _sampling(tok: Any, **settings: Any) -> dict[str, Any]:
+    """``generate`` keyword arguments: ``tok``'s eos and pad ids, no top-p cut, ``settings``."""
+    return dict(top_p=1.0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **settings)
+
+
+def test_completions_do_not_depend_on_batch_composition():
+    tok, model, prompts = _tiny_policy("Q: 12+7\nA: ", "Q: 345 mod 7\nA: ", "Q: 9*8\nA: ")
     seeds = [derive_seed(0, "t", i, j) for i in range(3) for j in range(2)]
-    kwargs = dict(
-        max_new_tokens=16,
-        temperature=1.0,
-        top_p=1.0,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    kwargs = _sampling(tok, max_new_tokens=16, temperature=1.0)
     together = HFGenerateEngine().generate(model, prompts, num_samples=2, seeds=seeds, **kwargs)
     alone = [
         c
@@ -106,22 +109,12 @@ def test_shared_prompt_cache_equals_per_completion_prefill_and_brute_force():
     from the batch, gives the tokens of the plain batched ``generate`` call, of ``generate`` from
     the shared cache and of a cache-free loop per completion, greedy and sampled, for prompts of
     different lengths (left padding) and calls split across prompts."""
-    path = resolve_model_path("embedded:tiny")
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
     texts = ("Q: 12+7\nA: ", "Q: 345 mod 7\nA: ", "Q: 9*8\nA: ", "Q: max(13,31)\nA: ")
-    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in texts]
+    tok, model, prompts = _tiny_policy(*texts)
     assert len({len(p) for p in prompts}) > 1
     samples, steps = 3, 17
     seeds = [derive_seed(1, "t", i, j) for i in range(len(prompts)) for j in range(samples)]
-    common = dict(
-        num_samples=samples,
-        max_new_tokens=steps,
-        top_p=1.0,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        seeds=seeds,
-    )
+    common = _sampling(tok, num_samples=samples, max_new_tokens=steps, seeds=seeds)
     widths: list[tuple[int, int]] = []
     model.model.register_forward_pre_hook(
         lambda _, args, kwargs: widths.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
@@ -159,21 +152,9 @@ def test_a_model_generation_config_does_not_bias_the_draws():
     """Every decode path samples the policy's own distribution: a repetition penalty and an
     n-gram ban in the model's ``generation_config`` (which ``generate`` would otherwise apply)
     change no token, and the model's config is left as it was."""
-    path = resolve_model_path("embedded:tiny")
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    prompts = [
-        tok(p, add_special_tokens=False)["input_ids"] for p in ("Q: 77*88\nA: ", "Q: 9+9\nA: ")
-    ]
+    tok, model, prompts = _tiny_policy("Q: 77*88\nA: ", "Q: 9+9\nA: ")
     seeds = [derive_seed(2, "t", i, j) for i in range(2) for j in range(2)]
-    common = dict(
-        num_samples=2,
-        max_new_tokens=16,
-        top_p=1.0,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        seeds=seeds,
-    )
+    common = _sampling(tok, num_samples=2, max_new_tokens=16, seeds=seeds)
     for temperature in (1.0, 0.0):
         clean = HFGenerateEngine().generate(model, prompts, temperature=temperature, **common)
         model.generation_config.repetition_penalty = 5.0
