@@ -128,32 +128,32 @@ class StepRecorder:
         self._start = None
 
     def wrap_generate(self, model: torch.nn.Module) -> None:
-        """Time ``model.generate`` on this instance (both frameworks call it by attribute)."""
-        original = model.generate
+        """Time ``model.generate`` on this instance (TRL calls it by attribute)."""
 
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            out = original(*args, **kwargs)
-            self._generation_s += time.perf_counter() - start
+        def tokens(out: Any, kwargs: dict[str, Any]) -> int:
             sequences = out if isinstance(out, torch.Tensor) else out.sequences
-            self._tokens += completion_tokens(sequences, kwargs["input_ids"].shape[1], self.eos_id)
-            return out
+            return completion_tokens(sequences, kwargs["input_ids"].shape[1], self.eos_id)
 
-        model.generate = timed
+        self._time_generate(model, tokens)
 
     def wrap_engine(self, engine: Any) -> None:
         """Time our engine's ``generate`` (its default decodes in its own loop, not through
         ``model.generate``); completions end at their first eos, as counted for TRL."""
-        original = engine.generate
+        self._time_generate(engine, lambda out, _: sum(len(c.ids) for c in out))
+
+    def _time_generate(self, owner: Any, tokens: Callable[[Any, dict[str, Any]], int]) -> None:
+        """Replace ``owner.generate`` by a call that adds its seconds and ``tokens(out, kwargs)``
+        to this step's generation time and token count."""
+        original = owner.generate
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             out = original(*args, **kwargs)
             self._generation_s += time.perf_counter() - start
-            self._tokens += sum(len(c.ids) for c in out)
+            self._tokens += tokens(out, kwargs)
             return out
 
-        engine.generate = timed
+        owner.generate = timed
 
     def after(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` followed by :meth:`rollout_done` (where the rollout ends, training begins)."""
