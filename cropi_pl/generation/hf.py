@@ -105,7 +105,8 @@ def _decode_dropping_finished(
     eos_token_id: int,
 ) -> list[list[int]]:
     """Decode every row from ``cache`` (which holds all of its prompt but the last token), each
-    row until its EOS or ``max_new_tokens``, the tokens ``pick(logits, rows)`` chooses.
+    row until its EOS or ``max_new_tokens``, the tokens ``pick(logits, rows)`` chooses; what
+    follows a row's first EOS is filler, as in ``generate``'s output.
 
     ``generate`` steps every row until the longest is done; here finished rows leave the batch
     (their cache rows too) once they are a quarter of it, so the other rows stop paying for
@@ -128,7 +129,7 @@ def _decode_dropping_finished(
             **{keyword: cache},
         ).logits[:, -1]
         chosen = pick(logits, rows).cpu()
-        out[rows, step] = torch.where(done, eos_token_id, chosen)
+        out[rows, step] = chosen
         done |= chosen == eos_token_id
         if bool(done.all()):
             break
